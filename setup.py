@@ -1,0 +1,68 @@
+"""Install vitkernels; optionally build the compiled extension ``vitkernels._C`` from csrc/.
+
+VITKERNELS_BUILD_EXT=0|1|auto (default auto): auto builds when torch is importable in the build environment
+and a C++ compiler is present (use ``pip install --no-build-isolation`` so the build sees your torch), and
+compiles the .cu sources too when CUDA_HOME is set and torch is a CUDA build; 1 makes a failed build an error;
+0 skips it (the ``cuda`` backend can then JIT-build the same sources on first use). TORCH_CUDA_ARCH_LIST is
+honoured (default "8.0;9.0"), MAX_JOBS too (torch.utils.cpp_extension reads it).
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _ext_modules_and_cmdclass():
+    mode = os.environ.get("VITKERNELS_BUILD_EXT", "auto").lower()
+    if mode not in ("0", "1", "auto"):
+        sys.exit(f"VITKERNELS_BUILD_EXT must be 0, 1 or auto, got {mode!r}")
+    if mode == "0":
+        return [], {}
+    try:
+        sys.path.insert(0, HERE)
+        from vitkernels.cuda.build import extension_kwargs  # one description of the build, shared with the JIT
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except Exception as exc:  # noqa: BLE001
+        if mode == "1":
+            raise
+        print(f"vitkernels: not building the extension ({type(exc).__name__}: {exc})")
+        return [], {}
+    finally:
+        sys.path.pop(0)
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        if mode == "1":
+            sys.exit("VITKERNELS_BUILD_EXT=1 but no C++ compiler found")
+        print("vitkernels: no C++ compiler, not building the extension")
+        return [], {}
+    kw = extension_kwargs(root=HERE, relative=True)
+    ext_cls = CUDAExtension if kw.pop("with_cuda") else CppExtension
+    ext = ext_cls(name="vitkernels._C", **kw)
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _ext_modules_and_cmdclass()
+
+setup(
+    name="vitkernels",
+    version="0.1.0",
+    description="Vision Transformers on fused Triton kernels with a CUDA C++ fallback, drop-in for timm",
+    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["vitkernels", "vitkernels.*"]),
+    package_data={"vitkernels": ["csrc/*"]},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11", "numpy", "tqdm"],
+    extras_require={
+        "triton": ["triton>=3.6"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "timm", "transformers", "torchvision"],
+        "train": ["scikit-learn", "mlxtend", "matplotlib", "pillow"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    entry_points={"console_scripts": ["vitkernels=vitkernels.__main__:main"]},
+)

@@ -1,0 +1,64 @@
+"""Multi-head self-attention with timm's parameter names (``qkv``, ``proj``, ``q_norm``, ``k_norm``).
+
+The data path has no copies between the GEMMs and the attention kernel: the qkv GEMM writes (B, N, 3*C),
+q/k/v are strided (B, H, N, D) views of it, and fused backends write the attention output in (B, N, H, D)
+memory so that the reshape to (B, N, C) for ``proj`` is a view.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitkernels import ops
+from vitkernels.nn.norm import LayerNorm
+
+
+class Attention(nn.Module):
+    """x (B, N, C) -> attention output (B, N, C), before or with the residual add.
+
+    Args:
+        dim: C. num_heads: H (C must be divisible by H; D = C / H).
+        qkv_bias, proj_bias: biases of the two projections. qk_norm: LayerNorm over D on q and k.
+        attn_drop, proj_drop: dropout rates (attention dropout uses the reference path while training).
+        backend: the ops backend.
+    """
+
+    def __init__(self, dim, num_heads=8, qkv_bias=False, qk_norm=False, proj_bias=True, attn_drop=0.0,
+                 proj_drop=0.0, backend: str = "auto"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = LayerNorm(self.head_dim, backend=backend) if qk_norm else nn.Identity()
+        self.k_norm = LayerNorm(self.head_dim, backend=backend) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.backend = backend
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, N, C) -> the heads' outputs concatenated, (B, N, C), before ``proj``."""
+        B, N, C = x.shape
+        qkv = ops.linear(x, self.qkv.weight, self.qkv.bias, backend=self.backend)  # (B, N, 3C)
+        q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).unbind(2)  # each (B, N, H, D), strided
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, D) views
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.training and self.attn_drop.p > 0:
+            # No fused kernel implements attention dropout: the reference path keeps the semantics.
+            o = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p, scale=self.scale)
+        else:
+            o = ops.attention(q, k, v, scale=self.scale, backend=self.backend)  # (B, H, N, D)
+        return o.transpose(1, 2).reshape(B, N, C)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """proj(attention(x)) [+ residual]: the residual add is fused into the proj GEMM's epilogue."""
+        o = self.attend(x)
+        if self.proj_drop.p > 0 and self.training:
+            o = self.proj_drop(ops.linear(o, self.proj.weight, self.proj.bias, backend=self.backend))
+            return o if residual is None else o + residual
+        return ops.linear(o, self.proj.weight, self.proj.bias, residual=residual, backend=self.backend)

@@ -1,0 +1,61 @@
+"""The ``torch`` backend: every op in plain PyTorch, the reference the fused backends are tested against.
+
+Each function takes inputs already validated by ``vitkernels.ops`` and computes in the inputs' dtype, as
+eager PyTorch would; called on float64 copies it is the oracle of the tests. Autograd comes from PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def why_unavailable() -> str | None:
+    return None
+
+
+def why_not_device(device: torch.device) -> str | None:
+    return None
+
+
+def get_op(name: str):
+    return {"patch_embed": patch_embed, "layer_norm": layer_norm, "attention": attention, "linear": linear}.get(name)
+
+
+def patch_embed(images, weight, bias, pos_embed, cls_token):
+    """images (B, C, H, W), weight (D, C, P, P) -> tokens (B, [1+]N, D); see vitkernels.ops.patch_embed."""
+    P = weight.shape[-1]
+    x = F.conv2d(images, weight, bias, stride=P)  # (B, D, H/P, W/P)
+    x = x.flatten(2).transpose(1, 2)  # (B, N, D)
+    N = x.shape[1]
+    if pos_embed is not None and pos_embed.shape[1] == N:  # no_embed_class: patches only
+        x = x + pos_embed
+        pos_embed = None
+    if cls_token is not None:
+        x = torch.cat([cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+    if pos_embed is not None:
+        x = x + pos_embed
+    return x
+
+
+def layer_norm(x, weight, bias, eps, residual):
+    """x (..., C) -> LN(x), or (LN(x + residual), x + residual)."""
+    if residual is None:
+        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    s = x + residual
+    return F.layer_norm(s, s.shape[-1:], weight, bias, eps), s
+
+
+def attention(q, k, v, scale):
+    """q (B, H, N, D), k/v (B, H, M, D) -> (B, H, N, D)."""
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def linear(x, weight, bias, activation, residual):
+    """x (..., K), weight (M, K) -> act(x W^T + b) + residual, (..., M)."""
+    y = F.linear(x, weight, bias)
+    if activation == "gelu":
+        y = F.gelu(y)
+    if residual is not None:
+        y = y + residual
+    return y

@@ -1,0 +1,42 @@
+"""The ``triton`` backend: fused Triton kernels, one file per op (kernels -> launchers -> registered op ->
+autograd Function). Runs on CUDA tensors, and on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from vitkernels.backends import triton_interpreter
+
+OPS = ("patch_embed", "layer_norm", "attention", "linear")
+
+
+def why_unavailable() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    if torch.cuda.is_available() or triton_interpreter():
+        return None
+    return "no CUDA device (TRITON_INTERPRET=1 runs the kernels on CPU tensors in Triton's interpreter)"
+
+
+def why_not_device(device: torch.device) -> str | None:
+    if device.type == "cuda" or (device.type == "cpu" and triton_interpreter()):
+        return None
+    return f"triton kernels need CUDA tensors, got {device.type} (TRITON_INTERPRET=1 allows CPU tensors)"
+
+
+def get_op(name: str):
+    """The op ``name`` from ``vitkernels/triton/<name>.py``, or None while that file does not exist."""
+    if name not in OPS:
+        return None
+    try:
+        module = importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"{__name__}.{name}":
+            return None
+        raise
+    return getattr(module, name)
