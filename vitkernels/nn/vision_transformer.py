@@ -32,6 +32,7 @@ class VisionTransformer(nn.Module):
         no_embed_class, pre_norm, final_norm, fc_norm (None: on for 'avg' pooling), dynamic_img_size,
         drop_rate (head), pos_drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate, weight_init
         ('' or 'skip').
+        norm_eps: LayerNorm eps (timm and the paper: 1e-6; HF checkpoints use their config's, often 1e-12).
         backend: 'auto' | 'triton' | 'cuda' | 'torch' for every op of the model.
 
     Input: images (B, in_chans, H, W); H, W = img_size unless ``dynamic_img_size``, then any multiple of P.
@@ -42,7 +43,8 @@ class VisionTransformer(nn.Module):
                  embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, qk_norm=False,
                  proj_bias=True, init_values=None, class_token=True, no_embed_class=False, pre_norm=False,
                  final_norm=True, fc_norm=None, dynamic_img_size=False, drop_rate=0.0, pos_drop_rate=0.0,
-                 proj_drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, weight_init="", backend="auto"):
+                 proj_drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, weight_init="", norm_eps=1e-6,
+                 backend="auto"):
         super().__init__()
         if global_pool not in ("", "avg", "token"):
             raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
@@ -70,16 +72,16 @@ class VisionTransformer(nn.Module):
         embed_len = num_patches if no_embed_class else num_patches + self.num_prefix_tokens
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, embed_dim))
         self.pos_drop = nn.Dropout(p=pos_drop_rate)
-        self.norm_pre = LayerNorm(embed_dim, backend=backend) if pre_norm else nn.Identity()
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]  # stochastic depth decay rule
+        self.norm_pre = LayerNorm(embed_dim, eps=norm_eps, backend=backend) if pre_norm else nn.Identity()
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")]  # stochastic depth decay rule
         self.blocks = nn.Sequential(*[
             Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_norm=qk_norm,
                   proj_bias=proj_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
-                  init_values=init_values, drop_path=dpr[i], backend=backend)
+                  init_values=init_values, drop_path=dpr[i], norm_eps=norm_eps, backend=backend)
             for i in range(depth)
         ])
-        self.norm = LayerNorm(embed_dim, backend=backend) if final_norm and not use_fc_norm else nn.Identity()
-        self.fc_norm = LayerNorm(embed_dim, backend=backend) if final_norm and use_fc_norm else nn.Identity()
+        self.norm = LayerNorm(embed_dim, eps=norm_eps, backend=backend) if final_norm and not use_fc_norm else nn.Identity()
+        self.fc_norm = LayerNorm(embed_dim, eps=norm_eps, backend=backend) if final_norm and use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         if weight_init != "skip":
