@@ -7,13 +7,14 @@
 """
 
 from vitkernels import ops
+from vitkernels.attention_maps import attention_maps, attention_rollout
 from vitkernels.backends import BackendError, available_backends
 from vitkernels.models import create_model, list_models, model_config
 from vitkernels.nn import VisionTransformer, ViT, load_pretrained, resample_pos_embed
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendError", "VisionTransformer", "ViT", "available_backends", "create_model", "list_models",
+__all__ = ["BackendError", "VisionTransformer", "ViT", "attention_maps", "attention_rollout", "available_backends", "create_model", "list_models",
            "load_pretrained", "model_config", "ops", "resample_pos_embed", "__version__"]
 
 
@@ -22,7 +23,6 @@ def __getattr__(name):
     lazy = {
         "from_timm": "vitkernels.convert", "from_torchvision": "vitkernels.convert", "from_hf": "vitkernels.convert",
         "load_npz": "vitkernels.convert", "patch_timm": "vitkernels.patch_timm",
-        "attention_maps": "vitkernels.attention_maps", "attention_rollout": "vitkernels.attention_maps",
         "flops": "vitkernels.flops",
     }
     if name in lazy:

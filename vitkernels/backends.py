@@ -30,6 +30,7 @@ import torch
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
 CONCRETE = ("triton", "cuda", "torch")
+_OPS = ("patch_embed", "layer_norm", "attention", "linear")
 # Preference order of ``auto`` for CUDA tensors.
 _AUTO_ORDER_CUDA = ("triton", "cuda", "torch")
 
@@ -71,6 +72,9 @@ def _probe(name: str) -> tuple[ModuleType | None, str | None]:
         try:
             module = importlib.import_module(_IMPL_MODULES[name])
             why = None if name == "torch" else module.why_unavailable()
+            if why is None:
+                for op in _OPS:  # import every op file now, outside any traced region
+                    module.get_op(op)
         except Exception as exc:  # a broken install must not break `import vitkernels`
             module, why = None, f"cannot import {_IMPL_MODULES[name]}: {type(exc).__name__}: {exc}"
         _PROBED[name] = (None, why) if why else (module, None)

@@ -29,14 +29,20 @@ def why_not_device(device: torch.device) -> str | None:
     return f"triton kernels need CUDA tensors, got {device.type} (TRITON_INTERPRET=1 allows CPU tensors)"
 
 
+# op name -> function (or None when its file does not exist). Filled once, when vitkernels.backends probes
+# this backend, so that a traced region (torch.compile) only ever does a dict lookup, never an import.
+_OPS: dict = {}
+
+
 def get_op(name: str):
     """The op ``name`` from ``vitkernels/triton/<name>.py``, or None while that file does not exist."""
-    if name not in OPS:
-        return None
-    try:
-        module = importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"{__name__}.{name}":
+    if name not in _OPS:
+        if name not in OPS:
             return None
-        raise
-    return getattr(module, name)
+        try:
+            _OPS[name] = getattr(importlib.import_module(f"{__name__}.{name}"), name)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            _OPS[name] = None
+    return _OPS[name]

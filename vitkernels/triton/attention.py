@@ -1,0 +1,515 @@
+"""Fused multi-head attention (FlashAttention-2 style), forward and backward, for every ViT shape.
+
+    o = softmax(q k^T * scale) v            q: (B, H, N, D), k, v: (B, H, M, D), o: (B, H, N, D)
+
+Forward: one program per (block of BLOCK_M query rows, batch x head). It streams over the keys in blocks of
+BLOCK_N with the online softmax (running row max m and row sum l, rescaling the accumulator), in fp32, with
+log2(e) folded into the scale so every exponential is an ``exp2``. No N x M matrix ever reaches memory. It
+saves the log-sum-exp ``lse = log(sum_j exp(s_ij))`` of every score row (fp32, (B, H, N)) for the backward.
+
+Backward (derivation in the comment block above the backward kernels): a preprocess kernel computes
+``delta = rowsum(dO * O)`` (fp32), one kernel per key block accumulates dk, dv over all query blocks and one
+kernel per query block accumulates dq over all key blocks. Every output element is written by exactly one
+program: deterministic, no atomics, reruns are bit-identical.
+
+Supported range and limits:
+- Any sequence lengths N (queries) and M (keys) >= 1: ViT has N = 197, 257, 577, 50, or any value with
+  dynamic image sizes. Ragged blocks are masked (scores of out-of-range keys are set to -inf before the row
+  max; out-of-range query rows are masked on load and store), so there is no N % BLOCK requirement.
+- Head dims D <= 256; the D axis is padded to BLOCK_D = next_power_of_2(D) (>= 16) and masked, so 80 (ViT-H)
+  and 96 run in 128-wide tiles. 32, 64, 80, 96 and 128 are the tested ones.
+- Any strides for q, k, v and the output gradient (typically (B, H, N, D) views of the fused (B, N, 3, H, D)
+  qkv buffer): all four strides of each are passed, nothing is copied. The output is written into a
+  (B, N, H, D)-contiguous buffer and returned as its (B, H, N, D) transposed view, so the model's
+  ``o.transpose(1, 2).reshape(B, N, C)`` before ``proj`` is free. dq, dk, dv come back in the same layout.
+- fp16 / bf16 inputs: fp16 / bf16 tensor-core GEMMs with fp32 accumulation and fp32 softmax statistics; the
+  probabilities P and dS are rounded to the input dtype before their GEMMs, as in FlashAttention-2.
+- fp32 inputs: every GEMM runs with ``input_precision="ieee"`` (no TF32), so fp32 results are accurate to
+  fp32 rounding (within 2x PyTorch's own fp32 error in the tests), at fp32 FMA speed, not tensor-core speed.
+- Non-causal, no mask, no dropout: what ViT attention needs.
+
+Block sizes: on a GPU a few configurations are autotuned per (N, M, D, dtype). N = 197 (ViT-B/16) matters
+most: with 64-row query blocks it splits into 4 blocks (256 rows, 23% padding), the same padding as two
+128-row blocks but twice the programs, which keeps all SMs busy at smaller batches; 32-key blocks pad the
+keys only to 224 (12%). Under Triton's interpreter a single 64 x 64 configuration is used, no autotuning
+(it is a test vehicle, not a speed path; larger blocks mean fewer interpreted steps).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vitkernels.backends import triton_interpreter
+
+__all__ = ["attention", "attention_fwd", "attention_bwd", "attention_ref"]
+
+LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
+LN2 = 0.6931471805599453  # ln(2): log(x) = log2(x) * ln(2)
+MAX_HEAD_DIM = 256
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _attention_fwd_inner(
+    acc,  # (BLOCK_M, BLOCK_D) fp32 running numerator sum_j p_ij v_j
+    m_i,  # (BLOCK_M,) fp32 running row max of the scores, log2 domain
+    l_i,  # (BLOCK_M,) fp32 running row sum of exp2(s - m_i)
+    q,  # (BLOCK_M, BLOCK_D) the query tile, input dtype
+    K_ptrs,  # (BLOCK_D, BLOCK_N) pointers to k^T for the key block starting at key `start`
+    V_ptrs,  # (BLOCK_N, BLOCK_D) pointers to v for the same key block
+    stride_kn,  # k stride along keys
+    stride_vn,  # v stride along keys
+    offs_n,  # (BLOCK_N,) 0..BLOCK_N-1
+    mask_d,  # (BLOCK_D,) head-dim lanes < D
+    qk_scale,  # scale * log2(e)
+    start,  # first key of the range
+    end,  # one past the last key of the range
+    N_K,  # number of keys M
+    BLOCK_N: tl.constexpr,
+    MASK_N: tl.constexpr,  # the range contains keys >= N_K (the ragged tail block)
+    INPUT_PRECISION: tl.constexpr,
+):
+    K_ptrs += start * stride_kn
+    V_ptrs += start * stride_vn
+    for start_n in range(start, end, BLOCK_N):
+        if MASK_N:
+            mask_n = (start_n + offs_n) < N_K
+            k = tl.load(K_ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+            v = tl.load(V_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        else:
+            k = tl.load(K_ptrs, mask=mask_d[:, None], other=0.0)
+            v = tl.load(V_ptrs, mask=mask_d[None, :], other=0.0)
+        s = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
+        if MASK_N:
+            # Out-of-range keys must not enter the max or the sum: -inf before the max.
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block has at least one valid key
+        alpha = tl.exp2(m_i - m_new)  # rescales the old statistics; 0 on the first block (m_i = -inf)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        m_i = m_new
+        K_ptrs += BLOCK_N * stride_kn
+        V_ptrs += BLOCK_N * stride_vn
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q,  # (B, H, N, D) queries, any strides
+    K,  # (B, H, M, D) keys, any strides
+    V,  # (B, H, M, D) values, any strides
+    O,  # (B, H, N, D) output (a transposed view of a (B, N, H, D) buffer)
+    LSE,  # (B, H, N) fp32 contiguous: natural-log log-sum-exp of each row of scale * q k^T
+    qk_scale,  # scale * log2(e)
+    stride_qb, stride_qh, stride_qn, stride_qd,  # q strides (elements)
+    stride_kb, stride_kh, stride_kn, stride_kd,  # k strides
+    stride_vb, stride_vh, stride_vn, stride_vd,  # v strides
+    stride_ob, stride_oh, stride_on, stride_od,  # o strides
+    H,  # number of heads
+    N_Q,  # number of queries N
+    N_K,  # number of keys M
+    HEAD_DIM: tl.constexpr,  # D
+    BLOCK_D: tl.constexpr,  # next_power_of_2(D), >= 16
+    INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, "tf32" (unused by fp16/bf16 dots) otherwise
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # keys per inner step
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < N_Q
+    mask_d = offs_d < HEAD_DIM
+
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    O += b * stride_ob + h * stride_oh
+    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    K_ptrs = K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # k^T tile, (BLOCK_D, BLOCK_N)
+    V_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd  # (BLOCK_N, BLOCK_D)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # Full key blocks without the key mask, then the ragged tail (if any) with it.
+    n_full = (N_K // BLOCK_N) * BLOCK_N
+    acc, m_i, l_i = _attention_fwd_inner(acc, m_i, l_i, q, K_ptrs, V_ptrs, stride_kn, stride_vn, offs_n, mask_d,
+                                         qk_scale, 0, n_full, N_K, BLOCK_N, False, INPUT_PRECISION)
+    if n_full < N_K:
+        acc, m_i, l_i = _attention_fwd_inner(acc, m_i, l_i, q, K_ptrs, V_ptrs, stride_kn, stride_vn, offs_n,
+                                             mask_d, qk_scale, n_full, N_K, N_K, BLOCK_N, True, INPUT_PRECISION)
+
+    # Out-of-range query rows saw q = 0 (scores 0 on valid keys), so l_i > 0 everywhere: no 0/0.
+    acc = acc / l_i[:, None]
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
+    tl.store(LSE + (b * H + h) * N_Q + offs_m, lse, mask=mask_m)
+    tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od, acc.to(O.dtype.element_ty),
+             mask=mask_m[:, None] & mask_d[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backward
+#
+# Per (batch, head), with S = scale * Q K^T (N x M), P = softmax(S) row-wise, O = P V, and dO given:
+#
+#   dV = P^T dO                                   (O is linear in V)
+#   dP = dO V^T                                   (O is linear in P)
+#   dS_ij = P_ij (dP_ij - delta_i),  delta_i = sum_j P_ij dP_ij
+#           (softmax Jacobian: dP_ij/dS_ik = P_ij (1[j=k] - P_ik))
+#   delta_i = sum_j P_ij (dO_i . V_j) = dO_i . (sum_j P_ij V_j) = dO_i . O_i = rowsum(dO * O)_i
+#   dQ = scale * dS K,   dK = scale * dS^T Q
+#
+# P is never stored: each kernel recomputes a tile of it from the saved log-sum-exp,
+#   P_ij = exp(S_ij - lse_i) = exp2(scale * log2(e) * q_i . k_j - log2(e) * lse_i),
+# which is exactly the normalised probability (no second online pass). delta is computed once by the
+# preprocess kernel (it needs all of O's row, a (N,) vector per head). The key-block kernel holds k_j, v_j
+# and loops over all query blocks accumulating dK_j, dV_j; the query-block kernel holds q_i, dO_i and loops
+# over all key blocks accumulating dQ_i. Each output tile has one writer: no atomics, deterministic.
+# Out-of-range query rows get P = 0 (masked after the exp2); out-of-range keys get P = 0 in the dq kernel
+# and are never stored by the dk/dv kernel.
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _attention_bwd_preprocess_kernel(
+    O,  # (B, H, N, D) forward output, any strides
+    DO,  # (B, H, N, D) output gradient, any strides
+    DELTA,  # (B, H, N) fp32 contiguous: rowsum(dO * O)
+    stride_ob, stride_oh, stride_on, stride_od,  # o strides
+    stride_dob, stride_doh, stride_don, stride_dod,  # do strides
+    H,  # heads
+    N_Q,  # queries N
+    HEAD_DIM: tl.constexpr,  # D
+    BLOCK_D: tl.constexpr,  # next_power_of_2(D)
+    BLOCK_M: tl.constexpr,  # rows per program
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                 mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    tl.store(DELTA + (b * H + h) * N_Q + offs_m, delta, mask=offs_m < N_Q)
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q,  # (B, H, N, D) queries, any strides
+    K,  # (B, H, M, D) keys, any strides
+    V,  # (B, H, M, D) values, any strides
+    DO,  # (B, H, N, D) output gradient, any strides
+    LSE,  # (B, H, N) fp32 contiguous, natural log (from the forward)
+    DELTA,  # (B, H, N) fp32 contiguous, rowsum(dO * O)
+    DK,  # (B, H, M, D) key gradient (view of a (B, M, H, D) buffer)
+    DV,  # (B, H, M, D) value gradient (same layout)
+    qk_scale,  # scale * log2(e)
+    scale,  # softmax scale
+    stride_qb, stride_qh, stride_qn, stride_qd,  # q strides
+    stride_kb, stride_kh, stride_kn, stride_kd,  # k strides
+    stride_vb, stride_vh, stride_vn, stride_vd,  # v strides
+    stride_dob, stride_doh, stride_don, stride_dod,  # do strides
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,  # dk strides
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,  # dv strides
+    H,  # heads
+    N_Q,  # queries N
+    N_K,  # keys M
+    HEAD_DIM: tl.constexpr,  # D
+    BLOCK_D: tl.constexpr,  # next_power_of_2(D)
+    INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32
+    BLOCK_M: tl.constexpr,  # queries per inner step
+    BLOCK_N: tl.constexpr,  # keys per program
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N_K
+    mask_d = offs_d < HEAD_DIM
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+
+    Q += b * stride_qb + h * stride_qh
+    DO += b * stride_dob + h * stride_doh
+    LSE += (b * H + h) * N_Q
+    DELTA += (b * H + h) * N_Q
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=mask_nd, other=0.0)  # (BLOCK_N, BLOCK_D)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=mask_nd, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, N_Q, BLOCK_M):
+        rows = start_m + offs_m
+        mask_m = rows < N_Q
+        qT = tl.load(Q + rows[None, :] * stride_qn + offs_d[:, None] * stride_qd,
+                     mask=mask_d[:, None] & mask_m[None, :], other=0.0)  # (BLOCK_D, BLOCK_M)
+        do = tl.load(DO + rows[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+        lse2 = tl.load(LSE + rows, mask=mask_m, other=0.0) * 1.4426950408889634  # log2 domain
+        delta = tl.load(DELTA + rows, mask=mask_m, other=0.0)
+        sT = tl.dot(k, qT, input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M) = S^T, log2 domain
+        pT = tl.exp2(sT - lse2[None, :])
+        pT = tl.where(mask_m[None, :], pT, 0.0)  # padded query rows contribute nothing
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)  # dV += P^T dO
+        dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (dO V^T)^T
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=INPUT_PRECISION)  # dK += dS^T Q
+    dk = dk * scale
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=mask_nd)
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=mask_nd)
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q,  # (B, H, N, D) queries, any strides
+    K,  # (B, H, M, D) keys, any strides
+    V,  # (B, H, M, D) values, any strides
+    DO,  # (B, H, N, D) output gradient, any strides
+    LSE,  # (B, H, N) fp32 contiguous, natural log
+    DELTA,  # (B, H, N) fp32 contiguous, rowsum(dO * O)
+    DQ,  # (B, H, N, D) query gradient (view of a (B, N, H, D) buffer)
+    qk_scale,  # scale * log2(e)
+    scale,  # softmax scale
+    stride_qb, stride_qh, stride_qn, stride_qd,  # q strides
+    stride_kb, stride_kh, stride_kn, stride_kd,  # k strides
+    stride_vb, stride_vh, stride_vn, stride_vd,  # v strides
+    stride_dob, stride_doh, stride_don, stride_dod,  # do strides
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,  # dq strides
+    H,  # heads
+    N_Q,  # queries N
+    N_K,  # keys M
+    HEAD_DIM: tl.constexpr,  # D
+    BLOCK_D: tl.constexpr,  # next_power_of_2(D)
+    INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32
+    BLOCK_M: tl.constexpr,  # queries per program
+    BLOCK_N: tl.constexpr,  # keys per inner step
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < N_Q
+    mask_d = offs_d < HEAD_DIM
+    mask_md = mask_m[:, None] & mask_d[None, :]
+
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=mask_md, other=0.0)  # (BLOCK_M, BLOCK_D)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                 mask=mask_md, other=0.0)
+    lse2 = tl.load(LSE + (b * H + h) * N_Q + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + (b * H + h) * N_Q + offs_m, mask=mask_m, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, N_K, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < N_K
+        mask_dn = mask_d[:, None] & mask_n[None, :]
+        kT = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=mask_dn, other=0.0)
+        vT = tl.load(V + cols[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=mask_dn, other=0.0)
+        s = tl.dot(q, kT, input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
+        p = tl.exp2(s - lse2[:, None])
+        p = tl.where(mask_n[None, :], p, 0.0)  # padded keys have probability 0
+        dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)  # dO V^T
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=INPUT_PRECISION)  # dQ += dS K
+    dq = dq * scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=mask_md)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Block sizes
+# ----------------------------------------------------------------------------------------------------------
+def _configs(shapes):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). 64-row query blocks are the default for N = 197 (see the module
+# docstring); 128-row ones win at larger N and batch. Configurations that do not fit in shared memory (large
+# blocks at D = 128) are dropped by the autotuner.
+# The last, small configuration of each list fits in shared memory for every dtype and head dim (fp32 at
+# D = 256 included), so the autotuner always has a candidate.
+_FWD_CONFIGS = _configs([(64, 64, 4, 3), (64, 32, 4, 4), (128, 64, 8, 3), (128, 32, 4, 3), (128, 128, 8, 2),
+                         (32, 32, 4, 1)])
+# dk/dv: BLOCK_N keys held, BLOCK_M query rows streamed; dq: the other way round (FA2 / Triton tutorial).
+_BWD_DKDV_CONFIGS = _configs([(32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2), (32, 32, 4, 1)])
+_BWD_DQ_CONFIGS = _configs([(64, 32, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2), (32, 32, 4, 1)])
+_TUNE_KEY = ["N_Q", "N_K", "HEAD_DIM"]  # the autotuner adds the tensors' dtypes to the key
+
+_fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)(_attention_fwd_kernel)
+_bwd_dkdv_tuned = triton.autotune(configs=_BWD_DKDV_CONFIGS, key=_TUNE_KEY)(_attention_bwd_dkdv_kernel)
+_bwd_dq_tuned = triton.autotune(configs=_BWD_DQ_CONFIGS, key=_TUNE_KEY)(_attention_bwd_dq_kernel)
+
+# Under the interpreter: one small configuration, no autotuning (num_warps/num_stages are ignored there).
+_INTERPRETER_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64}
+
+
+def _kernel(tuned, plain):
+    """(kernel, extra launch kwargs): the autotuned kernel on a GPU, the plain one with fixed blocks else."""
+    if triton_interpreter():
+        return plain, dict(_INTERPRETER_BLOCKS)
+    return tuned, {}
+
+
+def _block_d(D: int) -> int:
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"vitkernels triton attention supports head dims up to {MAX_HEAD_DIM}, got {D}")
+    return max(16, triton.next_power_of_2(D))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32: exact fp32 products (no TF32). fp16/bf16 dots ignore the setting.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _empty_bnhd(like: torch.Tensor, B: int, H: int, N: int, D: int) -> torch.Tensor:
+    """A (B, H, N, D) tensor stored as (B, N, H, D) contiguous: its transpose(1, 2) is a free reshape."""
+    return like.new_empty((B, N, H, D)).transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers (no autograd; tests and benchmarks call them directly)
+# ----------------------------------------------------------------------------------------------------------
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """q (B, H, N, D), k/v (B, H, M, D), any strides -> (o (B, H, N, D) view of (B, N, H, D), lse (B, H, N) fp32)."""
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    BLOCK_D = _block_d(D)
+    o = _empty_bnhd(q, B, H, N, D)
+    lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    if o.numel() == 0 or M == 0:
+        return o, lse
+    kernel, blocks = _kernel(_fwd_tuned, _attention_fwd_kernel)
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_M"]), B * H)
+
+    kernel[grid](
+        q, k, v, o, lse, scale * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        H, N, M,
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, INPUT_PRECISION=_precision(q.dtype), **blocks,
+    )
+    return o, lse
+
+
+def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                  lse: torch.Tensor, scale: float):
+    """Gradients (dq, dk, dv) of ``attention_fwd``; each a (B, H, *, D) view of a (B, *, H, D) buffer."""
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    BLOCK_D = _block_d(D)
+    grad_out = grad_out.to(q.dtype)
+    dq = _empty_bnhd(q, B, H, N, D)
+    dk = _empty_bnhd(k, B, H, M, D)
+    dv = _empty_bnhd(v, B, H, M, D)
+    if q.numel() == 0 or M == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    lse = lse.contiguous()
+    delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    PRE_BLOCK_M = 32 if BLOCK_D <= 128 else 16
+    _attention_bwd_preprocess_kernel[(triton.cdiv(N, PRE_BLOCK_M), B * H)](
+        o, grad_out, delta, *o.stride(), *grad_out.stride(), H, N,
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=PRE_BLOCK_M,
+    )
+    precision = _precision(q.dtype)
+
+    kernel, blocks = _kernel(_bwd_dkdv_tuned, _attention_bwd_dkdv_kernel)
+    kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_N"]), B * H)](
+        q, k, v, grad_out, lse, delta, dk, dv, scale * LOG2E, scale,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+        H, N, M,
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, INPUT_PRECISION=precision, **blocks,
+    )
+    kernel, blocks = _kernel(_bwd_dq_tuned, _attention_bwd_dq_kernel)
+    kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
+        q, k, v, grad_out, lse, delta, dq, scale * LOG2E, scale,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
+        H, N, M,
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, INPUT_PRECISION=precision, **blocks,
+    )
+    return dq, dk, dv
+
+
+def attention_ref(q, k, v, scale, upcast: bool = True):
+    """Plain PyTorch reference: softmax(q k^T * scale) v, in fp32 (``upcast``) or the input dtype."""
+    dtype = q.dtype
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    p = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
+    return (p @ v).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.library registration + autograd
+# ----------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("vitkernels_triton::attention_fwd", mutates_args=())
+def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_fwd(q, k, v, scale)
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, scale):
+    B, H, N, D = q.shape
+    return _empty_bnhd(q, B, H, N, D), q.new_empty((B, H, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("vitkernels_triton::attention_bwd", mutates_args=())
+def _attention_bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                      lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_bwd(grad_out, q, k, v, o, lse, scale)
+
+
+@_attention_bwd_op.register_fake
+def _(grad_out, q, k, v, o, lse, scale):
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    return _empty_bnhd(q, B, H, N, D), _empty_bnhd(k, B, H, M, D), _empty_bnhd(v, B, H, M, D)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)  # only the (B, H, N) fp32 lse beyond the inputs and output
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_o, grad_lse):
+    # lse is an internal statistic (the public `attention` returns only o); its gradient is ignored.
+    q, k, v, o, lse = ctx.saved_tensors
+    if grad_o is None:
+        return None, None, None, None
+    dq, dk, dv = _attention_bwd_op(grad_o, q, k, v, o, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+torch.library.register_autograd("vitkernels_triton::attention_fwd", _backward, setup_context=_setup_context)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """The ``triton`` backend of ``vitkernels.ops.attention``: (B, H, N, D), a view of a (B, N, H, D) buffer."""
+    return _attention_fwd_op(q, k, v, float(scale))[0]
