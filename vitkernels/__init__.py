@@ -8,26 +8,22 @@
 
 from vitkernels import ops
 from vitkernels.attention_maps import attention_maps, attention_rollout
+from vitkernels.convert import from_hf, from_timm, from_torchvision, load_npz
 from vitkernels.backends import BackendError, available_backends
 from vitkernels.models import create_model, list_models, model_config
 from vitkernels.nn import VisionTransformer, ViT, load_pretrained, resample_pos_embed
+from vitkernels.patch_timm import patch_timm, unpatch_timm
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendError", "VisionTransformer", "ViT", "attention_maps", "attention_rollout", "available_backends", "create_model", "list_models",
-           "load_pretrained", "model_config", "ops", "resample_pos_embed", "__version__"]
+__all__ = ["BackendError", "VisionTransformer", "ViT", "attention_maps", "attention_rollout", "available_backends",
+           "create_model", "from_hf", "from_timm", "from_torchvision", "list_models", "load_npz", "load_pretrained",
+           "model_config", "ops", "patch_timm", "resample_pos_embed", "unpatch_timm", "__version__"]
 
 
 def __getattr__(name):
-    # Optional parts import lazily so `import vitkernels` stays light and never fails on an optional piece.
-    lazy = {
-        "from_timm": "vitkernels.convert", "from_torchvision": "vitkernels.convert", "from_hf": "vitkernels.convert",
-        "load_npz": "vitkernels.convert", "patch_timm": "vitkernels.patch_timm",
-        "flops": "vitkernels.flops",
-    }
-    if name in lazy:
+    if name == "flops":  # imported on first use: it registers FLOP formulas for the fused ops
         import importlib
 
-        module = importlib.import_module(lazy[name])
-        return module if name == "flops" else getattr(module, name)
+        return importlib.import_module("vitkernels.flops")
     raise AttributeError(f"module 'vitkernels' has no attribute {name!r}")

@@ -97,6 +97,14 @@ def available_backends(device: torch.device | str | None = None) -> dict[str, st
     return {name: why_not(name, device) for name in CONCRETE}
 
 
+def prepare(backend: str | None) -> None:
+    """Probe (import) the backends that ``backend`` may resolve to, now: probing imports modules, which
+    torch.compile cannot trace, so models call this at construction, outside any traced region."""
+    name = default_backend() if backend is None else check_name(backend)
+    for candidate in CONCRETE if name == "auto" else (name,):
+        _probe(candidate)
+
+
 def get_impl(name: str) -> ModuleType:
     """The implementation module of a concrete backend (raises BackendError with the reason)."""
     module, why = _probe(check_name(name))

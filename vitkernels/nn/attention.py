@@ -20,13 +20,13 @@ class Attention(nn.Module):
 
     Args:
         dim: C. num_heads: H (C must be divisible by H; D = C / H).
-        qkv_bias, proj_bias: biases of the two projections. qk_norm: LayerNorm over D on q and k.
+        qkv_bias, proj_bias: biases of the two projections. qk_norm: LayerNorm over D on q and k (eps norm_eps).
         attn_drop, proj_drop: dropout rates (attention dropout uses the reference path while training).
         backend: the ops backend.
     """
 
     def __init__(self, dim, num_heads=8, qkv_bias=False, qk_norm=False, proj_bias=True, attn_drop=0.0,
-                 proj_drop=0.0, backend: str = "auto"):
+                 proj_drop=0.0, norm_eps=1e-6, backend: str = "auto"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
@@ -34,8 +34,8 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.q_norm = LayerNorm(self.head_dim, backend=backend) if qk_norm else nn.Identity()
-        self.k_norm = LayerNorm(self.head_dim, backend=backend) if qk_norm else nn.Identity()
+        self.q_norm = LayerNorm(self.head_dim, eps=norm_eps, backend=backend) if qk_norm else nn.Identity()
+        self.k_norm = LayerNorm(self.head_dim, eps=norm_eps, backend=backend) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)

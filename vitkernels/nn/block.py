@@ -52,7 +52,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = LayerNorm(dim, eps=norm_eps, backend=backend)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, proj_bias=proj_bias,
-                              attn_drop=attn_drop, proj_drop=proj_drop, backend=backend)
+                              attn_drop=attn_drop, proj_drop=proj_drop, norm_eps=norm_eps, backend=backend)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = LayerNorm(dim, eps=norm_eps, backend=backend)

@@ -16,7 +16,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from vitkernels import ops
-from vitkernels.backends import check_name
+from vitkernels.backends import check_name, prepare
 from vitkernels.nn.block import Block
 from vitkernels.nn.norm import LayerNorm
 from vitkernels.nn.patch_embed import PatchEmbed
@@ -53,6 +53,7 @@ class VisionTransformer(nn.Module):
         if weight_init not in ("", "skip"):
             raise ValueError(f"weight_init must be '' or 'skip', got {weight_init!r}")
         backend = check_name(backend)
+        prepare(backend)
         use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -134,6 +135,7 @@ class VisionTransformer(nn.Module):
     def set_backend(self, backend: str) -> "VisionTransformer":
         """Run every op of the model on ``backend`` from now on."""
         backend = check_name(backend)
+        prepare(backend)
         for m in self.modules():
             if hasattr(m, "backend"):
                 m.backend = backend
