@@ -1,0 +1,457 @@
+"""Patch embedding in Triton: patchify + projection + bias + position embedding + class token, one GEMM.
+
+The ViT stem is a Conv2d with kernel = stride = P, i.e. a GEMM over tokens:
+
+    tokens[b, n, d] = sum_k A[(b, n), k] * W[d, k] + bias[d] + pos[n (+1), d],   k = (c, py, px), K = C*P*P
+    A[(b, n), (c, py, px)] = images[b, c, ph*P + py, pw*P + px],                 n = ph * (W/P) + pw
+
+The forward kernel never materializes A (no unfold / im2col tensor): each A tile is gathered from the NCHW
+image by address arithmetic, separable as row_off(b, ph, pw) + col_off(c, py, px), for any image strides.
+The epilogue adds bias and pos_embed in fp32 and writes row 1 + n of the (B, 1 + N, D) sequence; the class
+row (cls + pos[0], or cls alone for timm's no_embed_class) is B x D values written by one torch op.
+
+Backward (stride == kernel, so every pixel belongs to exactly one patch and nothing overlaps):
+    dW[d, k]      = sum_(b,n) dout[(b, n), d] * A[(b, n), k]   gather A again; split over tokens into fp32
+                                                                partials, summed once (no atomics)
+    dimages       = (dout @ W) scattered back by the same address arithmetic (a plain store per pixel);
+                    computed only when the images require grad (usually they do not)
+    dbias, dpos_embed, dcls_token: one fp32 reduction of dout over the batch, then slices of it.
+
+Supported: fp32 / fp16 / bf16 (fp32 accumulation; fp32 uses IEEE products, never TF32); any P, C, odd patch
+grids; pos_embed covering N + 1 or N tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vitkernels.backends import triton_interpreter
+
+__all__ = ["patch_embed", "patch_embed_fwd", "patch_embed_bwd", "patch_embed_ref"]
+
+_INTERPRET = triton_interpreter()
+
+
+def patch_embed_ref(images, weight, bias, pos_embed, cls_token):
+    """Pure PyTorch semantics of this file (Conv2d + flatten + transpose + cat + add)."""
+    from vitkernels.ops.reference import patch_embed as ref
+
+    return ref(images, weight, bias, pos_embed, cls_token)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Address arithmetic shared by the kernels. Token and column indices are int64 from the start: image offsets
+# pass 2^31 at large batches, and 64-bit index math also skips the interpreter's per-op overflow checks.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _patch_row_offsets(m, N, GW, stride_b, stride_h, stride_w, P: tl.constexpr):
+    """Token index m = b * N + n -> element offset of the patch's top-left pixel, (b, ph*P, pw*P)."""
+    b = m // N
+    n = m - b * N
+    ph = n // GW
+    pw = n - ph * GW
+    return b * stride_b + (ph * P) * stride_h + (pw * P) * stride_w
+
+
+@triton.jit
+def _patch_col_offsets(k, stride_c, stride_h, stride_w, P: tl.constexpr):
+    """Flattened weight column k = (c * P + py) * P + px -> offset of pixel (c, py, px) inside a patch."""
+    c = k // (P * P)
+    r = k - c * (P * P)
+    py = r // P
+    px = r - py * P
+    return c * stride_c + py * stride_h + px * stride_w
+
+
+@triton.jit
+def _token_row_offsets(m, N, T_out, stride_ob, stride_ot, CLS_OFF: tl.constexpr):
+    """Token index m = b * N + n -> offset of sequence row (b, CLS_OFF + n) of a (B, T_out, D) tensor."""
+    b = m // N
+    n = m - b * N
+    return b * stride_ob + (n + CLS_OFF) * stride_ot
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _patch_embed_fwd_kernel(
+    IMG,  # (B, C, H, W) images, any strides
+    Wt,  # (D, K) projection weight, K = C*P*P in (c, py, px) order
+    Bias,  # (D,) bias, or None
+    Pos,  # (1, T, D) position embedding, or None
+    Out,  # (B, T_out, D) out: token sequence, contiguous; rows CLS_OFF.. are written here
+    stride_ib, stride_ic, stride_ih, stride_iw,  # image strides
+    stride_wd, stride_wk,  # weight strides
+    stride_pt, stride_pd,  # pos_embed strides (token, channel)
+    M,  # B * N tokens
+    D,  # embed dim
+    K,  # C * P * P
+    N,  # patches per image
+    GW,  # patches per image row (W / P)
+    T_out,  # sequence length of Out (N, or N + 1 with a class token)
+    POS_OFF,  # pos_embed row of patch 0: 1 when pos_embed also covers the class token, else 0
+    P: tl.constexpr,  # patch size
+    CLS_OFF: tl.constexpr,  # 1 when Out row 0 is the class token, else 0
+    HAS_BIAS: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32), default otherwise
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # D tiles vary fastest: consecutive programs share the gathered image rows (they hit in L2).
+    pid = tl.program_id(0)
+    n_d = tl.cdiv(D, BLOCK_D)
+    pid_m = pid // n_d
+    pid_d = pid - pid_m * n_d
+    m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_mask = m < M
+    d_mask = d < D
+    row_off = _patch_row_offsets(m, N, GW, stride_ib, stride_ih, stride_iw, P)  # (BLOCK_M,)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        k_mask = k < K
+        col_off = _patch_col_offsets(k, stride_ic, stride_ih, stride_iw, P)  # (BLOCK_K,)
+        a = tl.load(IMG + row_off[:, None] + col_off[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(Wt + d[None, :] * stride_wd + k[:, None] * stride_wk, mask=k_mask[:, None] & d_mask[None, :],
+                    other=0.0)  # (BLOCK_K, BLOCK_D) = W^T tile
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+
+    # Epilogue in fp32, one rounding: + bias[d] + pos[POS_OFF + n, d].
+    mask = m_mask[:, None] & d_mask[None, :]
+    if HAS_BIAS:
+        acc += tl.load(Bias + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_POS:
+        n = m % N
+        pos = tl.load(Pos + (n + POS_OFF)[:, None] * stride_pt + d[None, :] * stride_pd, mask=mask, other=0.0)
+        acc += pos.to(tl.float32)
+    out_row = _token_row_offsets(m, N, T_out, T_out * D, D, CLS_OFF)
+    tl.store(Out + out_row[:, None] + d[None, :], acc.to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _patch_embed_bwd_dw_kernel(
+    DOUT,  # (B, T_out, D) gradient of the tokens, any strides
+    IMG,  # (B, C, H, W) images, any strides
+    DW,  # (SPLIT, D, K) out: fp32 partial weight gradients, one slice per token split
+    stride_ob, stride_ot, stride_od,  # dout strides
+    stride_ib, stride_ic, stride_ih, stride_iw,  # image strides
+    M,  # B * N tokens
+    D,  # embed dim
+    K,  # C * P * P
+    N,  # patches per image
+    GW,  # patches per image row
+    T_out,  # dout sequence length
+    rows_per_split,  # tokens reduced by one program along grid axis 1
+    P: tl.constexpr,
+    CLS_OFF: tl.constexpr,  # 1 when dout row 0 is the class token (not part of this GEMM)
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # tokens per reduction step
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n_k = tl.cdiv(K, BLOCK_K)
+    pid_d = pid // n_k
+    pid_k = pid - pid_d * n_k
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    d_mask = d < D
+    k_mask = k < K
+    col_off = _patch_col_offsets(k, stride_ic, stride_ih, stride_iw, P)  # (BLOCK_K,)
+    m_start = split.to(tl.int64) * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+
+    acc = tl.zeros((BLOCK_D, BLOCK_K), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = m < m_end
+        tok = _token_row_offsets(m, N, T_out, stride_ob, stride_ot, CLS_OFF)
+        g = tl.load(DOUT + tok[None, :] + d[:, None] * stride_od, mask=d_mask[:, None] & m_mask[None, :],
+                    other=0.0)  # (BLOCK_D, BLOCK_M) = dout^T tile
+        row_off = _patch_row_offsets(m, N, GW, stride_ib, stride_ih, stride_iw, P)
+        a = tl.load(IMG + row_off[:, None] + col_off[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(g, a, acc, input_precision=DOT_PRECISION)
+    dw_ptr = DW + split.to(tl.int64) * D * K + d[:, None] * K + k[None, :]
+    tl.store(dw_ptr, acc, mask=d_mask[:, None] & k_mask[None, :])
+
+
+@triton.jit
+def _patch_embed_bwd_dx_kernel(
+    DOUT,  # (B, T_out, D) gradient of the tokens, any strides
+    Wt,  # (D, K) projection weight
+    DIMG,  # (B, C, H, W) out: image gradient, contiguous
+    stride_ob, stride_ot, stride_od,  # dout strides
+    stride_wd, stride_wk,  # weight strides
+    M, D, K, N, GW, T_out,  # as in the forward
+    H,  # image height
+    Wimg,  # image width
+    P: tl.constexpr,
+    CLS_OFF: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # reduction step over the embed dim
+):
+    # dimages[(b, n), k] = sum_d dout[(b, n), d] W[d, k]; every (token, k) pair is one distinct pixel.
+    pid = tl.program_id(0)
+    n_k = tl.cdiv(K, BLOCK_K)
+    pid_m = pid // n_k
+    pid_k = pid - pid_m * n_k
+    m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_mask = m < M
+    k_mask = k < K
+    tok = _token_row_offsets(m, N, T_out, stride_ob, stride_ot, CLS_OFF)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = d < D
+        g = tl.load(DOUT + tok[:, None] + d[None, :] * stride_od, mask=m_mask[:, None] & d_mask[None, :],
+                    other=0.0)  # (BLOCK_M, BLOCK_D)
+        w = tl.load(Wt + d[:, None] * stride_wd + k[None, :] * stride_wk, mask=d_mask[:, None] & k_mask[None, :],
+                    other=0.0)  # (BLOCK_D, BLOCK_K)
+        acc = tl.dot(g, w, acc, input_precision=DOT_PRECISION)
+
+    C = K // (P * P)
+    row_off = _patch_row_offsets(m, N, GW, C * H * Wimg, Wimg, 1, P)
+    col_off = _patch_col_offsets(k, H * Wimg, Wimg, 1, P)
+    tl.store(DIMG + row_off[:, None] + col_off[None, :], acc.to(DIMG.dtype.element_ty),
+             mask=m_mask[:, None] & k_mask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Block sizes: autotuned on GPU (key: the GEMM shape; the autotuner adds the dtypes), one config under the
+# interpreter, where the cost is a fixed overhead per program and per op, so the tiles are large.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _configs(names: tuple[str, str, str], gpu: list[tuple[int, int, int, int, int]]):
+    if _INTERPRET:
+        # Large tiles, and the longest one along K = C*P*P (768 for P=16, C=3): fewest programs and loop steps.
+        tiles = {"BLOCK_M": 128, "BLOCK_D": 128, "BLOCK_K": 256}
+        return [triton.Config({name: tiles[name] for name in names}, num_warps=4)]
+    return [triton.Config(dict(zip(names, blocks)), num_warps=w, num_stages=s) for *blocks, w, s in gpu]
+
+
+# (first, second, reduction block, warps, stages): the usual GEMM tiles for K and D in the hundreds.
+_GEMM_TILES = [
+    (128, 128, 64, 8, 3),
+    (128, 256, 64, 8, 3),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (128, 128, 32, 4, 4),
+    (64, 64, 64, 4, 3),
+]
+
+_fwd_kernel = triton.autotune(
+    configs=_configs(("BLOCK_M", "BLOCK_D", "BLOCK_K"), _GEMM_TILES), key=["M", "D", "K"]
+)(_patch_embed_fwd_kernel)
+_bwd_dw_kernel = triton.autotune(
+    configs=_configs(("BLOCK_D", "BLOCK_K", "BLOCK_M"), _GEMM_TILES), key=["M", "D", "K"]
+)(_patch_embed_bwd_dw_kernel)
+_bwd_dx_kernel = triton.autotune(
+    configs=_configs(("BLOCK_M", "BLOCK_K", "BLOCK_D"), _GEMM_TILES), key=["M", "D", "K"]
+)(_patch_embed_bwd_dx_kernel)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # the latter only names the default; unused for 16-bit
+
+
+def _dw_splits(M: int, D: int, K: int, device: torch.device) -> int:
+    """How many token splits the weight-gradient reduction uses (slices of the fp32 partial buffer)."""
+    if _INTERPRET or device.type != "cuda":
+        return 2 if M > 64 else 1  # exercises the two-stage reduction in CI
+    # Output tiles alone (D x K / 128^2, e.g. 36 at ViT-B) cannot fill the GPU; split the token reduction
+    # until there are ~2 programs per SM, keeping >= 1024 tokens per split. At ViT-B/16, B=256: 8 splits,
+    # a 19 MB fp32 partial buffer against 155 MB of dout and images read.
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tiles = triton.cdiv(D, 128) * triton.cdiv(K, 128)
+    return max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(M, 1024), 64))
+
+
+def _weight_2d(weight: torch.Tensor) -> torch.Tensor:
+    """(D, C, P, P) -> (D, K) in (c, py, px) order; a copy only for an oddly strided weight (it is small)."""
+    return weight.reshape(weight.shape[0], -1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers (no autograd)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def patch_embed_fwd(images, weight, bias, pos_embed, cls_token):
+    """images (B, C, H, W), weight (D, C, P, P) -> tokens (B, [1+]N, D) in the images' dtype."""
+    B, C, H, W = images.shape
+    D, _, P, _ = weight.shape
+    GH, GW = H // P, W // P
+    N, K = GH * GW, C * P * P
+    cls_off = 1 if cls_token is not None else 0
+    T_out = N + cls_off
+    out = torch.empty((B, T_out, D), device=images.device, dtype=images.dtype)
+    pos_off = 1 if pos_embed is not None and pos_embed.shape[1] == N + 1 else 0
+    w2 = _weight_2d(weight)
+    bias = bias.contiguous() if bias is not None else None  # indexed with unit stride; a no-op for nn.Conv2d
+    M = B * N
+    if M > 0:
+
+        def fwd_grid(meta):  # token x D tiles
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_D"]),)
+
+        _fwd_kernel[fwd_grid](
+            images, w2, bias, pos_embed, out,
+            *images.stride(), *w2.stride(),
+            pos_embed.stride(1) if pos_embed is not None else 0, pos_embed.stride(2) if pos_embed is not None else 0,
+            M, D, K, N, GW, T_out, pos_off,
+            P=P, CLS_OFF=cls_off, HAS_BIAS=bias is not None, HAS_POS=pos_embed is not None,
+            DOT_PRECISION=_dot_precision(images.dtype),
+        )
+    if cls_token is not None:
+        # The class row is B x D values, the same for every image: one broadcast torch copy. A kernel branch
+        # for it would cost more code than the copy costs time (0.4 MB at ViT-B/16, B=256).
+        cls = cls_token[0, 0].float()
+        if pos_off:
+            cls = cls + pos_embed[0, 0].float()
+        out[:, 0] = cls.to(out.dtype)
+    return out
+
+
+def patch_embed_bwd(grad_out, images, weight, has_cls, need_images, need_weight):
+    """Gradients of the two GEMMs. grad_out (B, T_out, D), any strides.
+
+    Returns (dimages (B, C, H, W) contiguous, or empty; dweight (D, C, P, P), or empty), in the input dtype.
+    """
+    B, C, H, W = images.shape
+    D, _, P, _ = weight.shape
+    GW = W // P
+    N, K = (H // P) * GW, C * P * P
+    M, T_out = B * N, grad_out.shape[1]
+    cls_off = 1 if has_cls else 0
+    precision = _dot_precision(images.dtype)
+    dimages = images.new_empty((0,))
+    dweight = weight.new_empty((0,))
+    if need_images:
+        dimages = torch.empty((B, C, H, W), device=images.device, dtype=images.dtype)
+        if M > 0:
+            w2 = _weight_2d(weight)
+
+            def dx_grid(meta):  # token x K tiles
+                return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+
+            _bwd_dx_kernel[dx_grid](
+                grad_out, w2, dimages, *grad_out.stride(), *w2.stride(),
+                M, D, K, N, GW, T_out, H, W,
+                P=P, CLS_OFF=cls_off, DOT_PRECISION=precision,
+            )
+    if need_weight:
+        if M == 0:
+            dweight = torch.zeros_like(weight)
+        else:
+            splits = _dw_splits(M, D, K, images.device)
+            rows_per_split = triton.cdiv(M, splits)
+            splits = triton.cdiv(M, rows_per_split)
+            partial = torch.empty((splits, D, K), device=images.device, dtype=torch.float32)
+
+            def dw_grid(meta):  # (D x K output tiles, token splits)
+                return (triton.cdiv(D, meta["BLOCK_D"]) * triton.cdiv(K, meta["BLOCK_K"]), splits)
+
+            _bwd_dw_kernel[dw_grid](
+                grad_out, images, partial, *grad_out.stride(), *images.stride(),
+                M, D, K, N, GW, T_out, rows_per_split,
+                P=P, CLS_OFF=cls_off, DOT_PRECISION=precision,
+            )
+            # Second stage: (splits, D, K) fp32 -> (D, K), then the weight's shape and dtype.
+            dweight = partial.sum(0).view(weight.shape).to(weight.dtype)
+    return dimages, dweight
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.library registration + autograd
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("vitkernels_triton::patch_embed_fwd", mutates_args=())
+def _patch_embed_fwd_op(
+    images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pos_embed: torch.Tensor | None,
+    cls_token: torch.Tensor | None,
+) -> torch.Tensor:
+    return patch_embed_fwd(images, weight, bias, pos_embed, cls_token)
+
+
+@_patch_embed_fwd_op.register_fake
+def _(images, weight, bias, pos_embed, cls_token):
+    B, _, H, W = images.shape
+    D, _, P, _ = weight.shape
+    T_out = (H // P) * (W // P) + (1 if cls_token is not None else 0)
+    return images.new_empty((B, T_out, D))
+
+
+@torch.library.custom_op("vitkernels_triton::patch_embed_bwd", mutates_args=())
+def _patch_embed_bwd_op(
+    grad_out: torch.Tensor, images: torch.Tensor, weight: torch.Tensor, has_cls: bool, need_images: bool,
+    need_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return patch_embed_bwd(grad_out, images, weight, has_cls, need_images, need_weight)
+
+
+@_patch_embed_bwd_op.register_fake
+def _(grad_out, images, weight, has_cls, need_images, need_weight):
+    return (
+        images.new_empty(images.shape if need_images else (0,)),
+        weight.new_empty(weight.shape if need_weight else (0,)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    images, weight, bias, pos_embed, cls_token = inputs
+    ctx.save_for_backward(images, weight)
+    ctx.has_bias = bias is not None
+    ctx.pos_len = pos_embed.shape[1] if pos_embed is not None else 0
+    ctx.has_cls = cls_token is not None
+
+
+def _backward(ctx, grad_out):
+    images, weight = ctx.saved_tensors
+    need_images, need_weight, need_bias, need_pos, need_cls = ctx.needs_input_grad
+    dimages = dweight = dbias = dpos = dcls = None
+    if need_images or need_weight:
+        dimages, dweight = _patch_embed_bwd_op(grad_out, images, weight, ctx.has_cls, need_images, need_weight)
+    if need_bias or need_pos or need_cls:
+        # One fp32 pass over dout: its sum over the batch, (T_out, D). Every small gradient is a slice of it.
+        per_token = grad_out.sum(0, dtype=torch.float32)
+        patches = per_token[1:] if ctx.has_cls else per_token  # (N, D)
+        dtype = grad_out.dtype
+        if need_bias:
+            dbias = patches.sum(0).to(dtype)
+        if need_pos:  # pos_embed covers every output row (T = T_out), or only the patches (no_embed_class)
+            dpos = (per_token if ctx.pos_len == per_token.shape[0] else patches).unsqueeze(0).to(dtype)
+        if need_cls:
+            dcls = per_token[0].view(1, 1, -1).to(dtype)
+    return (
+        dimages if need_images else None,
+        dweight if need_weight else None,
+        dbias,
+        dpos,
+        dcls,
+    )
+
+
+_patch_embed_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def patch_embed(images, weight, bias, pos_embed, cls_token):
+    """Backend entry point (inputs validated by ``vitkernels.ops.patch_embed``): tokens (B, [1+]N, D)."""
+    return _patch_embed_fwd_op(images, weight, bias, pos_embed, cls_token)
