@@ -1,0 +1,414 @@
+"""Linear layer with a fused epilogue: y = act(x W^T + b) + residual, forward and backward, in Triton.
+
+What is fused (the ViT uses three variants):
+    fc1:       y = GELU(x W^T + b)            bias + exact-erf GELU in the GEMM epilogue
+    fc2, proj: y = x W^T + b + residual       bias + residual add in the GEMM epilogue
+    qkv:       y = x W^T + b                  bias only
+GELU is the exact one, GELU(z) = 0.5 z (1 + erf(z / sqrt(2))) (torch.nn.GELU(approximate="none")).
+
+Shapes: x (..., K) is flattened to (R, K) (a view whenever the leading dims flatten; one deliberate copy
+otherwise, e.g. a (B, N, K) view transposed in B and N); weight (M, K) is read through its strides (no
+transpose copy); bias (M,); residual (..., M). Any R >= 0 and any K, M >= 1 (masked tiles; no multiple-of-16
+requirement). x, weight, residual and the incoming gradient may have any strides (including stride 0).
+
+One GEMM kernel does all three products of forward and backward: out[P, Q] = sum_S a[P, S] b[S, Q], with a
+and b addressed through strides, so transposes cost nothing:
+    forward  y  (R, M) = x  (R, K) @ W^T (K, M)      P=R, Q=M, S=K   epilogue: +b, save z, GELU, +residual
+    backward dx (R, K) = dz (R, M) @ W   (M, K)      P=R, Q=K, S=M
+    backward dW (M, K) = dz^T (M, R) @ x (R, K)      P=M, Q=K, S=R
+Accumulation is fp32 for every input dtype (fp32, fp16, bf16); results are rounded once to the input dtype.
+fp32 inputs multiply in full fp32 ("ieee" input precision, not TF32), matching PyTorch's default fp32 matmul
+(torch.backends.cuda.matmul.allow_tf32 = False); the interpreter computes fp32 dots exactly anyway.
+
+Backward (derivation):
+    z = x W^T + b,  y = g(z) + residual,  g = GELU or identity
+    dz = dy * g'(z),   g'(z) = Phi(z) + z phi(z),  Phi(z) = 0.5 (1 + erf(z / sqrt 2)),
+                                                   phi(z) = exp(-z^2 / 2) / sqrt(2 pi)
+    dx = dz W,  dW = dz^T x,  db = sum_rows dz,  dresidual = dy (returned as is, no copy)
+One elementwise pass (``_linear_bwd_dz_kernel``) computes dz = dy * g'(z) and, in the same pass, per-row-block
+partial column sums of dz (stage 1 of db); stage 2 sums the few partial rows (no atomics, so bit-identical
+reruns). Without activation dz is dy itself and the pass only produces the db partials (it is skipped when no
+bias gradient is needed; fusing that case into the dW GEMM as row sums of its dz^T tiles would save one read
+of dy at the price of a reduction in the GEMM's main loop). dx and dW are then two launches of the GEMM
+kernel, each only when needed. Prologue-fusing dz into both GEMMs instead would read dy and z twice.
+
+z is saved in the input dtype by the forward (only when a gradient will be needed). The alternative,
+recomputing z = x W^T + b in the backward, saves R*M stored elements but costs one more GEMM (+50% backward
+FLOPs); saving z is what eager PyTorch does too (F.gelu saves its input) and is the cheaper trade on a GPU.
+GELU'(z) of the rounded z is what eager PyTorch computes as well.
+
+Block sizes: triton.autotune on GPU over a handful of configs keyed on the GEMM sizes and operand layout; a
+single small config under Triton's interpreter (TRITON_INTERPRET=1), where autotuning would only cost time.
+Programs are ordered in groups along P (the "grouped ordering" of Triton's matmul tutorial) so that
+consecutive programs reuse the same b tiles from L2.
+
+Limits: activation None or "gelu"; inputs of one floating dtype (fp32/fp16/bf16; fp64 is not supported by
+tl.dot on GPU). bf16 is not tested under the interpreter (its tl.dot is wrong there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from vitkernels.backends import triton_interpreter
+
+
+# --------------------------------------------------------------------------------------------- kernels
+@triton.heuristics({"EVEN_S": lambda args: args["S"] % args["BLOCK_S"] == 0})
+@triton.jit
+def _linear_gemm_kernel(
+    a_ptr,  # a: (P, S), any strides
+    b_ptr,  # b: (S, Q), any strides
+    out_ptr,  # out: (P, Q), written in out's dtype
+    bias_ptr,  # bias: (Q,), read when HAS_BIAS
+    res_ptr,  # residual: (P, Q), read when HAS_RES
+    z_ptr,  # z: (P, Q), pre-activation a @ b + bias, written when SAVE_Z
+    P,  # rows of out
+    Q,  # columns of out
+    S,  # reduction length
+    stride_ap, stride_as,  # strides of a
+    stride_bs, stride_bq,  # strides of b
+    stride_op, stride_oq,  # strides of out
+    stride_rp, stride_rq,  # strides of residual
+    stride_zp, stride_zq,  # strides of z
+    HAS_BIAS: tl.constexpr,  # add bias[q] to every row
+    SAVE_Z: tl.constexpr,  # store the pre-activation (for the GELU backward)
+    GELU: tl.constexpr,  # apply exact-erf GELU after the bias
+    HAS_RES: tl.constexpr,  # add residual after the activation
+    IEEE: tl.constexpr,  # fp32 operands: full-precision dot (no TF32)
+    BLOCK_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    GROUP_P: tl.constexpr,  # programs along P that share one band of b tiles (L2 reuse)
+    EVEN_S: tl.constexpr,  # S % BLOCK_S == 0: no mask along S in the main loop (set by the heuristic)
+):
+    # Grouped ordering: walk GROUP_P row-blocks down a column of tiles before moving right, so that the
+    # programs running together read the same b tiles (and few distinct a tiles) from L2.
+    pid = tl.program_id(0)
+    num_p = tl.cdiv(P, BLOCK_P)
+    num_q = tl.cdiv(Q, BLOCK_Q)
+    group_size = GROUP_P * num_q
+    first_p = (pid // group_size) * GROUP_P
+    group_rows = tl.minimum(num_p - first_p, GROUP_P)
+    pid_p = first_p + (pid % group_size) % group_rows
+    pid_q = (pid % group_size) // group_rows
+
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_p = offs_p < P
+    mask_q = offs_q < Q
+    # 64-bit row/column offsets: P * stride can exceed 2^31 at large batch sizes.
+    a_ptrs = a_ptr + offs_p[:, None].to(tl.int64) * stride_ap + offs_s[None, :] * stride_as
+    b_ptrs = b_ptr + offs_s[:, None] * stride_bs + offs_q[None, :].to(tl.int64) * stride_bq
+
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        if EVEN_S:
+            a = tl.load(a_ptrs, mask=mask_p[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_q[None, :], other=0.0)
+        else:
+            mask_s = (s0 + offs_s) < S
+            a = tl.load(a_ptrs, mask=mask_p[:, None] & mask_s[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_s[:, None] & mask_q[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_S * stride_as
+        b_ptrs += BLOCK_S * stride_bs
+
+    # Epilogue, all in fp32: z = acc + bias; y = GELU(z); y += residual.
+    mask = mask_p[:, None] & mask_q[None, :]
+    rows = offs_p[:, None].to(tl.int64)
+    cols = offs_q[None, :].to(tl.int64)
+    z = acc
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_q, mask=mask_q, other=0.0).to(tl.float32)
+        z = z + bias[None, :]
+    if SAVE_Z:
+        tl.store(z_ptr + rows * stride_zp + cols * stride_zq, z.to(z_ptr.dtype.element_ty), mask=mask)
+    if GELU:
+        y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))  # 1/sqrt(2)
+    else:
+        y = z
+    if HAS_RES:
+        res = tl.load(res_ptr + rows * stride_rp + cols * stride_rq, mask=mask, other=0.0).to(tl.float32)
+        y = y + res
+    tl.store(out_ptr + rows * stride_op + cols * stride_oq, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _linear_bwd_dz_kernel(
+    dy_ptr,  # dy: (R, M), any strides (stride 0 too)
+    z_ptr,  # z: (R, M) pre-activation, read when GELU
+    dz_ptr,  # dz: (R, M) contiguous, written when GELU
+    partial_ptr,  # (num_row_groups, M) fp32: column sums of dz over this program's rows (db stage 1)
+    R,  # rows
+    M,  # columns (out features)
+    stride_dyr, stride_dym,  # strides of dy
+    stride_zr, stride_zm,  # strides of z
+    ROWS_PER_PROG,  # rows handled by one program, a multiple of BLOCK_R
+    GELU: tl.constexpr,  # dz = dy * GELU'(z) (else dz = dy, nothing written)
+    PARTIAL: tl.constexpr,  # accumulate and store the column sums
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    cols = offs_m[None, :].to(tl.int64)
+    # Column sums accumulate per (row-in-tile, column) and are reduced across rows once, after the loop.
+    acc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
+    row0 = pid_r * ROWS_PER_PROG
+    for r in range(0, ROWS_PER_PROG, BLOCK_R):
+        offs_r = row0 + r + tl.arange(0, BLOCK_R)
+        mask = (offs_r < R)[:, None] & mask_m[None, :]
+        rows = offs_r[:, None].to(tl.int64)
+        dz = tl.load(dy_ptr + rows * stride_dyr + cols * stride_dym, mask=mask, other=0.0).to(tl.float32)
+        if GELU:
+            z = tl.load(z_ptr + rows * stride_zr + cols * stride_zm, mask=mask, other=0.0).to(tl.float32)
+            cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))  # 1/sqrt(2)
+            pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327  # 1/sqrt(2 pi)
+            dz = dz * (cdf + z * pdf)
+            tl.store(dz_ptr + rows * M + cols, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        if PARTIAL:
+            acc += dz
+    if PARTIAL:
+        tl.store(partial_ptr + pid_r * M + offs_m, tl.sum(acc, axis=0), mask=mask_m)
+
+
+# --------------------------------------------------------------------------------------------- launchers
+def _gpu_configs():
+    # Hopper/Ampere-sized tiles (Triton matmul tutorial); fp32 "ieee" configs that do not fit shared memory
+    # are skipped by the autotuner (it scores OutOfResources as infinitely slow).
+    shapes = [  # (BLOCK_P, BLOCK_Q, BLOCK_S, num_stages, num_warps)
+        (128, 256, 64, 3, 8),
+        (256, 128, 64, 3, 8),
+        (128, 128, 64, 4, 8),
+        (128, 128, 32, 4, 4),
+        (64, 256, 32, 4, 4),
+        (128, 64, 32, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 32, 4, 2),
+    ]
+    return [
+        triton.Config({"BLOCK_P": p, "BLOCK_Q": q, "BLOCK_S": s, "GROUP_P": 8}, num_stages=st, num_warps=w)
+        for p, q, s, st, w in shapes
+    ]
+
+
+# Autotuned on GPU; the key holds the GEMM sizes and the operand layout (a transposed operand may favour
+# another tile), the autotuner adds the dtypes itself. The kernel only stores, so benchmarking runs are
+# harmless. Caveat: the winner is cached per process; the first call per new key spends ~1 s benchmarking
+# (warm up before CUDA-graph capture). TRITON_CACHE_AUTOTUNING=1 persists the choice on disk across processes,
+# keyed by the kernel source and the key only, not by the GPU model or clocks: clear the Triton cache when
+# moving the cache between machines.
+_linear_gemm_kernel_tuned = triton.autotune(
+    configs=_gpu_configs(), key=["P", "Q", "S", "stride_as", "stride_bq"]
+)(_linear_gemm_kernel)
+
+
+def _interp_blocks(P, Q, S):
+    """The one config used under the interpreter (no autotuning): 64-wide tiles, shrunk to the next power of
+    two >= 16 for tiny dims, because the interpreter's cost is per program and per element of padded tile
+    (its dots and erf run in numpy loops). Tiles stay larger than the tail of every test shape, so the masks
+    and the grouped ordering are exercised."""
+    def fit(n):
+        return min(64, max(16, triton.next_power_of_2(n)))
+
+    return {"BLOCK_P": fit(P), "BLOCK_Q": fit(Q), "BLOCK_S": fit(S), "GROUP_P": 4}
+
+
+def _gemm(a, b, out, bias=None, residual=None, z=None, gelu=False):
+    """out[P, Q] = epilogue(a[P, S] @ b[S, Q]); a and b through their strides; returns out."""
+    P, S = a.shape
+    Q = b.shape[1]
+    if P == 0 or Q == 0:
+        return out
+    dummy = out
+    res = residual if residual is not None else dummy
+    zt = z if z is not None else dummy
+    args = (
+        a, b, out, bias if bias is not None else dummy, res, zt,
+        P, Q, S,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        res.stride(0), res.stride(1), zt.stride(0), zt.stride(1),
+    )
+    flags = dict(HAS_BIAS=bias is not None, SAVE_Z=z is not None, GELU=gelu, HAS_RES=residual is not None,
+                 IEEE=a.dtype == torch.float32)
+    if triton_interpreter():
+        blocks = _interp_blocks(P, Q, S)
+        grid = (triton.cdiv(P, blocks["BLOCK_P"]) * triton.cdiv(Q, blocks["BLOCK_Q"]),)
+        _linear_gemm_kernel[grid](*args, **flags, **blocks, num_warps=4)
+    else:
+        def grid(meta):
+            return (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(Q, meta["BLOCK_Q"]),)
+
+        with torch.cuda.device(a.device):
+            _linear_gemm_kernel_tuned[grid](*args, **flags)
+    return out
+
+
+def linear_fwd(x2d, weight, bias, residual, activation, save_z):
+    """y (R, M) = act(x2d @ weight^T + bias) + residual, and z (R, M) when save_z (else an empty tensor).
+
+    x2d (R, K) and weight (M, K), residual (R, M) or None: any strides. activation: "none" or "gelu".
+    """
+    R = x2d.shape[0]
+    M = weight.shape[0]
+    gelu = activation == "gelu"
+    y = torch.empty((R, M), device=x2d.device, dtype=x2d.dtype)
+    z = torch.empty((R, M) if gelu and save_z else (0,), device=x2d.device, dtype=x2d.dtype)
+    _gemm(x2d, weight.t(), y, bias=bias, residual=residual, z=z if z.numel() else None, gelu=gelu)
+    return y, z
+
+
+def _dz_and_dbias(dy, z, gelu, need_db):
+    """dz = dy * GELU'(z) (or dy itself) and db = column sums of dz (fp32 two-stage, or None)."""
+    R, M = dy.shape
+    if not gelu and not need_db:
+        return dy, None
+    if R == 0:
+        db = torch.zeros((M,), device=dy.device, dtype=dy.dtype) if need_db else None
+        return (torch.empty_like(dy) if gelu else dy), db
+    dz = torch.empty((R, M), device=dy.device, dtype=dy.dtype) if gelu else dy
+    if triton_interpreter():
+        block_r, block_m, warps, target_programs = 64, 128, 4, 4
+    else:
+        block_r, block_m, warps = 32, 128, 4
+        target_programs = 4 * torch.cuda.get_device_properties(dy.device).multi_processor_count
+    num_m = triton.cdiv(M, block_m)
+    groups = max(1, min(triton.cdiv(R, block_r), target_programs // num_m))
+    rows_per_prog = triton.cdiv(triton.cdiv(R, groups), block_r) * block_r
+    groups = triton.cdiv(R, rows_per_prog)
+    partial = torch.empty((groups, M) if need_db else (0,), device=dy.device, dtype=torch.float32)
+    zt = z if gelu else dy
+    with torch.cuda.device(dy.device) if dy.is_cuda else contextlib.nullcontext():
+        _linear_bwd_dz_kernel[(groups, num_m)](
+            dy, zt, dz, partial if need_db else dy, R, M,
+            dy.stride(0), dy.stride(1), zt.stride(0), zt.stride(1), rows_per_prog,
+            GELU=gelu, PARTIAL=need_db, BLOCK_R=block_r, BLOCK_M=block_m, num_warps=warps,
+        )
+    # Stage 2: a deterministic sum over the few row groups.
+    db = partial.sum(0).to(dy.dtype) if need_db else None
+    return dz, db
+
+
+def linear_bwd(dy, x2d, weight, z, activation, needs_dx, needs_dw, needs_db):
+    """Gradients of linear_fwd: (dx (R, K), dW (M, K), db (M,)), None for those not asked for.
+
+    dy (R, M), x2d (R, K), weight (M, K): any strides. z (R, M): the saved pre-activation when
+    activation == "gelu" (else unused).
+    """
+    gelu = activation == "gelu"
+    if gelu and (z is None or z.shape != dy.shape):
+        raise RuntimeError("vitkernels linear backward with GELU needs the saved pre-activation z")
+    dz, db = _dz_and_dbias(dy, z, gelu, needs_db)
+    dx = dw = None
+    if needs_dx:
+        dx = _gemm(dz, weight, torch.empty(x2d.shape, device=x2d.device, dtype=x2d.dtype))
+    if needs_dw:
+        dw = _gemm(dz.t(), x2d, torch.empty(weight.shape, device=weight.device, dtype=weight.dtype))
+    return dx, dw, db
+
+
+# --------------------------------------------------------------------------------------------- registration
+@torch.library.custom_op("vitkernels_triton::linear_fwd", mutates_args=())
+def _linear_fwd_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    activation: str,
+    save_z: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (R, K), weight (M, K) -> (y (R, M), z (R, M) or empty). activation: "none" | "gelu"."""
+    return linear_fwd(x, weight, bias, residual, activation, save_z)
+
+
+@_linear_fwd_op.register_fake
+def _(x, weight, bias, residual, activation, save_z):
+    R, M = x.shape[0], weight.shape[0]
+    z_shape = (R, M) if activation == "gelu" and save_z else (0,)
+    return x.new_empty((R, M)), x.new_empty(z_shape)
+
+
+@torch.library.custom_op("vitkernels_triton::linear_bwd", mutates_args=())
+def _linear_bwd_op(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    z: Optional[torch.Tensor],
+    activation: str,
+    needs_dx: bool,
+    needs_dw: bool,
+    needs_db: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dx, dW, db); a gradient not asked for comes back as an empty tensor."""
+    dx, dw, db = linear_bwd(grad_out, x, weight, z, activation, needs_dx, needs_dw, needs_db)
+    empty = grad_out.new_empty((0,))
+    return (dx if dx is not None else empty,
+            dw if dw is not None else empty.clone(),
+            db if db is not None else empty.clone())
+
+
+@_linear_bwd_op.register_fake
+def _(grad_out, x, weight, z, activation, needs_dx, needs_dw, needs_db):
+    return (x.new_empty(x.shape) if needs_dx else grad_out.new_empty((0,)),
+            weight.new_empty(weight.shape) if needs_dw else grad_out.new_empty((0,)),
+            grad_out.new_empty((weight.shape[0],)) if needs_db else grad_out.new_empty((0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, activation, save_z = inputs
+    _, z = output
+    ctx.activation = activation
+    ctx.save_for_backward(x, weight, z)
+
+
+def _backward(ctx, dy, _dz_unused):
+    x, weight, z = ctx.saved_tensors
+    needs_dx, needs_dw, needs_db, needs_dres = ctx.needs_input_grad[:4]
+    dx = dw = db = None
+    if needs_dx or needs_dw or needs_db:
+        dx, dw, db = torch.ops.vitkernels_triton.linear_bwd(
+            dy, x, weight, z, ctx.activation, needs_dx, needs_dw, needs_db
+        )
+        dx = dx if needs_dx else None
+        dw = dw if needs_dw else None
+        db = db if needs_db else None
+    # The residual enters y additively: its gradient is dy itself (no copy).
+    dres = dy if needs_dres else None
+    return dx, dw, db, dres, None, None
+
+
+torch.library.register_autograd("vitkernels_triton::linear_fwd", _backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------- public
+def linear(x, weight, bias, activation, residual):
+    """act(x @ weight^T + bias) + residual; x (..., K), weight (M, K), bias (M,)|None, residual (..., M)|None.
+
+    Inputs are validated by vitkernels.ops.linear. Differentiable in x, weight, bias and residual.
+    """
+    K = x.shape[-1]
+    M = weight.shape[0]
+    lead = x.shape[:-1]
+    # (..., K) -> (R, K): a view whenever the leading dims flatten (the usual contiguous (B, N, K)); otherwise
+    # reshape copies once, deliberately: the kernel takes two strides per operand, not a stride per leading
+    # dim. A non-unit stride along K (e.g. a transposed (R, K) view) needs no copy.
+    x2d = x.reshape(-1, K)
+    res2d = residual.reshape(-1, M) if residual is not None else None
+    act = "gelu" if activation == "gelu" else "none"
+    save_z = act == "gelu" and torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    y, _ = torch.ops.vitkernels_triton.linear_fwd(x2d, weight, bias, res2d, act, save_z)
+    return y.view(*lead, M)
