@@ -54,7 +54,6 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["vitkernels", "vitkernels.*"]),
-    package_data={"vitkernels": ["csrc/*"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy", "tqdm"],
     extras_require={
