@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from oracle import DEVICE, DTYPES, assert_budget, backend_params
 from vitkernels import ops
-from vitkernels.backends import why_not
+from vitkernels.backends import get_impl, why_not
 
 BACKENDS = backend_params("triton", "cuda", op="attention")
 WHY_NO_TRITON = why_not("triton", DEVICE)
@@ -141,36 +141,48 @@ def _triton_or_skip():
     import vitkernels.triton.attention  # noqa: F401  (registers the ops)
 
 
-def test_attention_opcheck():
-    _triton_or_skip()
+_NAMESPACE = {"triton": "vitkernels_triton", "cuda": "vitkernels_C"}
+
+
+def _ns(backend):
+    get_impl(backend).get_op("attention")  # imports the op file, which registers the fake/autograd impls
+    return getattr(torch.ops, _NAMESPACE[backend])
+
+
+@pytest.mark.parametrize("backend", backend_params("triton", "cuda", op="attention"))
+def test_attention_opcheck(backend):
+    ns = _ns(backend)
     _, q, k, v = _qkv(2, 2, 19, 32, torch.float32)
-    torch.library.opcheck(torch.ops.vitkernels_triton.attention_fwd.default, (q, k, v, 0.2))
-    o, lse = torch.ops.vitkernels_triton.attention_fwd(q.detach(), k.detach(), v.detach(), 0.2)
+    torch.library.opcheck(ns.attention_fwd.default, (q, k, v, 0.2))
+    o, lse = ns.attention_fwd(q.detach(), k.detach(), v.detach(), 0.2)
     grad_out = torch.randn_like(o)
-    torch.library.opcheck(torch.ops.vitkernels_triton.attention_bwd.default, (grad_out, q.detach(), k.detach(),
-                                                                               v.detach(), o, lse, 0.2))
+    torch.library.opcheck(ns.attention_bwd.default, (grad_out, q.detach(), k.detach(), v.detach(), o, lse, 0.2))
 
 
-def test_attention_lse():
+@pytest.mark.parametrize("backend", backend_params("triton", "cuda", op="attention"))
+def test_attention_lse(backend):
     """The saved statistic is the natural-log log-sum-exp of each row of the scaled scores."""
-    _triton_or_skip()
     _, q, k, v = _qkv(1, 2, 41, 32, torch.float32, requires_grad=False)
-    _, lse = torch.ops.vitkernels_triton.attention_fwd(q, k, v, 0.2)
+    _, lse = _ns(backend).attention_fwd(q, k, v, 0.2)
     ref = torch.logsumexp((q.double() @ k.double().transpose(-2, -1)) * 0.2, dim=-1)
     assert lse.dtype == torch.float32 and lse.shape == (1, 2, 41)
     assert (lse.double() - ref).abs().max().item() < 1e-5
 
 
-def test_attention_compile_fullgraph():
-    """The registered ops trace without a graph break (fake impls, autograd) and compute the same thing."""
-    _triton_or_skip()
-    from vitkernels.triton.attention import attention
+@pytest.mark.parametrize("backend", backend_params("triton", "cuda", op="attention"))
+def test_attention_compile_fullgraph(backend):
+    """The public op on each backend traces without a graph break (dispatch, fake impls, autograd) and
+    computes the same thing."""
+    from vitkernels.backends import prepare
+    from vitkernels.ops import attention
 
+    prepare(backend)  # probing imports modules: done outside the traced region, as the model does
+    torch._dynamo.reset()
     qkv, q, k, v = _qkv(2, 2, 13, 32, torch.float32)
 
     def block(qkv):
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
-        o = attention(q, k, v, q.shape[-1] ** -0.5)
+        o = attention(q, k, v, backend=backend)
         return o.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], -1).sin().sum()
 
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager" if DEVICE.type == "cpu" else "inductor")

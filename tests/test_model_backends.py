@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from tests.oracle import DEVICE, DTYPES, assert_budget, backend_params
+from oracle import DEVICE, DTYPES, assert_budget, backend_params
 from vitkernels import VisionTransformer
 from vitkernels.backends import get_impl, why_not
 
