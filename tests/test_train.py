@@ -1,0 +1,158 @@
+"""``python -m vitkernels train``: every dataset kind, metrics.json, learning above chance, bad input, exact
+resume after SIGKILL, and 2-rank DistributedDataParallel on CPU (gloo). Tiny models, few steps, CPU."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.test_data import make_cifar_dir, make_folder
+from vitkernels.train import TrainConfig, lr_at, main, param_groups, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, batch_size=32, device="cpu", progress=False)
+TINY_ARGS = ["--embed-dim", "32", "--depth", "2", "--num-heads", "2", "--mlp-ratio", "2", "--batch-size", "16",
+             "--device", "cpu", "--no-progress", "--dataset", "digits"]
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
+    return env
+
+
+def test_metrics_and_log(tmp_path):
+    m = train(dict(TINY, dataset="digits", steps=12, eval_interval=6, out=str(tmp_path)))
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("test_accuracy", "train_flops", "img_per_s", "mfu", "wall_s", "params", "steps", "epochs",
+                "backend", "device", "model_config"):
+        assert key in on_disk, key
+    assert 0.0 <= on_disk["test_accuracy"] <= 1.0
+    assert on_disk["mfu"] is None  # CPU
+    assert on_disk["steps"] == 12 and on_disk["img_per_s"] > 0 and on_disk["wall_s"] > 0
+    assert on_disk["train_flops"] == on_disk["train_flops_per_image"] * 12 * 32
+    assert on_disk["model_config"]["img_size"] == 8 and on_disk["model_config"]["in_chans"] == 1
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "loss" in r]
+    evals = [r for r in lines if "test_accuracy" in r]
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    assert [r["step"] for r in evals] == [6, 12]
+    assert all(set(r) >= {"loss", "lr", "img_per_s", "tflops"} for r in steps)
+    assert m["test_accuracy"] == on_disk["test_accuracy"]
+    assert os.path.exists(tmp_path / "model.pt")
+
+
+def test_learns_digits_above_chance(tmp_path):
+    # 4 tokens of 4x4 pixels; 120 steps reach ~0.4 (0.39 at step 100 when this test was written).
+    m = train(dict(TINY, dataset="digits", patch_size=4, steps=120, lr=3e-3, label_smoothing=0.0,
+                   out=str(tmp_path)))
+    assert m["test_accuracy"] > 0.3, m["test_accuracy"]  # chance is 0.1
+
+
+@pytest.mark.parametrize("kind", ["synthetic", "mnist5k", "cifar10", "folder"])
+def test_every_dataset_kind(tmp_path, kind):
+    if kind == "cifar10":
+        dataset = f"cifar10:{make_cifar_dir(str(tmp_path / 'cifar'), per_batch=8)}"
+    elif kind == "folder":
+        dataset = f"folder:{make_folder(str(tmp_path / 'imgs'), per_class=8, size=16)}"
+    else:
+        dataset = kind
+    m = train(dict(TINY, dataset=dataset, steps=2, batch_size=8, out=str(tmp_path / "run"),
+                   img_size=16 if kind == "synthetic" else None))
+    assert m["steps"] == 2 and 0.0 <= m["test_accuracy"] <= 1.0
+    assert m["model_config"]["in_chans"] == (1 if kind == "mnist5k" else 3)
+
+
+def test_options_amp_checkpointing_and_named_model(tmp_path):
+    m = train(dict(TINY, dataset="digits", steps=3, amp="bf16", grad_checkpointing=True, label_smoothing=0.1,
+                   clip_grad=0.5, out=str(tmp_path / "a")))
+    assert m["hardware_flops_per_image"] > m["train_flops_per_image"]  # the recomputed forward
+    m = train(dict(TINY, model="vit_tiny_patch16_224", img_size=16, patch_size=4, depth=1, dataset="digits",
+                   steps=1, out=str(tmp_path / "b")))
+    assert m["model_config"]["embed_dim"] == 32 and m["model_config"]["img_size"] == 16  # digits resized
+
+
+def test_bad_input_gives_clear_errors(tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown dataset 'nope'"):
+        train(dict(TINY, dataset="nope", steps=1, out=str(tmp_path)))
+    assert main(TINY_ARGS + ["--steps", "1", "--model", "vit_nope", "--out", str(tmp_path)]) == 2
+    assert "unknown model 'vit_nope'" in capsys.readouterr().err
+    assert main(TINY_ARGS[:-2] + ["--dataset", "cifar10", "--out", str(tmp_path)]) == 2
+    assert "needs a directory" in capsys.readouterr().err
+
+
+def test_schedule_and_weight_decay_groups():
+    lrs = [lr_at(s, 100, 1.0, 10, 0.01) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # cosine decays
+    assert lrs[-1] == pytest.approx(0.01, abs=1e-3)
+    import vitkernels
+
+    model = vitkernels.VisionTransformer(img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2, num_classes=3)
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_names = {names[id(p)] for p in no_decay["params"]}
+    assert {"pos_embed", "cls_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias"} <= no_names
+    assert all(p.ndim >= 2 and names[id(p)] not in ("pos_embed", "cls_token") for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path):
+    """A run killed with SIGKILL after its first checkpoint and resumed ends with the same weights, bit for
+    bit, as an uninterrupted run (CPU, deterministic)."""
+    common = dict(TINY, dataset="digits", steps=12, ckpt_interval=4, deterministic=True, seed=3,
+                  drop_path_rate=0.1, batch_size=16)  # stochastic depth: the RNG state must be restored too
+    ref = tmp_path / "ref"
+    train(dict(common, out=str(ref)))
+    killed = tmp_path / "killed"
+    args = TINY_ARGS + ["--steps", "12", "--ckpt-interval", "4", "--deterministic", "--seed", "3",
+                        "--drop-path", "0.1", "--out", str(killed), "--debug-step-sleep", "0.5"]
+    proc = subprocess.Popen([sys.executable, "-m", "vitkernels", "train", *args], cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while not (killed / "checkpoint.pt").exists():
+            assert proc.poll() is None, f"run ended before its first checkpoint: {proc.stderr.read().decode()}"
+            assert time.time() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (killed / "model.pt").exists()
+    m = train(dict(common, out=str(killed), resume="auto"))
+    assert 0 < m["resumed_from"] < 12 and m["steps"] == 12
+    a = torch.load(ref / "model.pt")
+    b = torch.load(killed / "model.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resume"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_ranks_gloo(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "vitkernels", "train", *TINY_ARGS, "--steps", "4",
+           "--ckpt-interval", "2", "--out", str(out)]
+    env = _env()
+    env["OMP_NUM_THREADS"] = "1"
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["global_batch_size"] == 32 and m["steps"] == 4
+    assert 0.0 <= m["test_accuracy"] <= 1.0
+    assert (out / "checkpoint.pt").exists()
+    assert len(torch.load(out / "checkpoint.pt", weights_only=False)["rng"]) == 2  # every rank's RNG state

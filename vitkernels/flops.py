@@ -1,0 +1,322 @@
+"""FLOPs of a Vision Transformer, counted analytically, and the hardware peaks that give MFU.
+
+Convention: 2 FLOPs per multiply-add, matrix products only (LayerNorm, softmax, GELU, bias and residual adds
+are a fraction of a percent and, as in timm/fvcore and ``torch.utils.flop_counter``, not counted). Per image,
+with T = prefix + N tokens, width C, hidden width Ch = mlp_ratio * C, patch P, in_chans Ci, K classes:
+
+    patch_embed   2 * N * C * Ci * P * P
+    qkv           2 * T * C * 3C              (per block; x depth)
+    attn_scores   2 * T * T * C               (q k^T over all heads)
+    attn_values   2 * T * T * C               (softmax(.) v)
+    proj          2 * T * C * C
+    mlp           2 * T * C * Ch * 2          (fc1 and fc2)
+    head          2 * C * K                   (one pooled token)
+
+vit_base_patch16_224: 35.13 GFLOPs = 17.56 GMACs per image (timm reports 17.58 GMACs).
+
+Training counts forward + backward = 3x forward (the backward does two products per forward product: model
+FLOPs, as in MFU). With gradient checkpointing the blocks' forward runs twice, so the hardware FLOPs of the
+blocks are 4x; ``count(..., training=True)`` returns hardware FLOPs (recompute included) and ``model_flops``
+the 3x figure that MFU uses.
+
+``register_flop_formulas()`` teaches ``torch.utils.flop_counter.FlopCounterMode`` the custom ops of the
+triton (``torch.ops.vitkernels_triton``) and cuda (``torch.ops.vitkernels_C``) backends, so the counter sees
+the same FLOPs whichever backend runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+PARTS = ("patch_embed", "qkv", "attn_scores", "attn_values", "proj", "mlp", "head")
+_BLOCK_PARTS = ("qkv", "attn_scores", "attn_values", "proj", "mlp")
+
+
+@dataclass(frozen=True)
+class ViTShape:
+    """The sizes that determine a ViT's FLOPs."""
+
+    img_size: tuple[int, int]
+    patch_size: int
+    in_chans: int
+    embed_dim: int
+    depth: int
+    qkv_dim: int  # output width of qkv (3C)
+    mlp_hidden: int
+    num_prefix_tokens: int
+    num_classes: int
+
+
+def shape_of(model, image_size=None) -> ViTShape:
+    """The FLOP-relevant sizes of ``model``: a vitkernels or timm VisionTransformer (same module names), a
+    ``create_model`` name, or a dict of VisionTransformer constructor arguments. ``image_size`` (int or
+    (H, W)) overrides the model's own."""
+    if isinstance(model, str):
+        from vitkernels.models import model_config
+
+        model = model_config(model)
+    if isinstance(model, dict):
+        cfg = dict(img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768, depth=12,
+                   mlp_ratio=4.0, class_token=True)
+        cfg.update(model)  # other constructor arguments do not change FLOPs
+        img = cfg["img_size"] if image_size is None else image_size
+        C = int(cfg["embed_dim"])
+        return ViTShape(_pair(img), int(cfg["patch_size"]), int(cfg["in_chans"]), C, int(cfg["depth"]), 3 * C,
+                        int(C * cfg["mlp_ratio"]), 1 if cfg["class_token"] else 0, int(cfg["num_classes"]))
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    model = getattr(model, "module", model)  # DistributedDataParallel wrapper
+    try:
+        proj = model.patch_embed.proj
+        blocks = list(model.blocks)
+        block = blocks[0] if blocks else None
+        head = model.head
+    except AttributeError as exc:
+        raise TypeError(f"cannot count FLOPs of {type(model).__name__}: expected a ViT with patch_embed.proj, "
+                        f"blocks and head (timm names)") from exc
+    img = model.patch_embed.img_size if image_size is None else image_size
+    C = proj.out_channels
+    return ViTShape(
+        img_size=_pair(img), patch_size=int(proj.kernel_size[0]), in_chans=int(proj.in_channels), embed_dim=C,
+        depth=len(blocks), qkv_dim=block.attn.qkv.out_features if block is not None else 3 * C,
+        mlp_hidden=block.mlp.fc1.out_features if block is not None else 0,
+        num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)),
+        num_classes=getattr(head, "out_features", 0),
+    )
+
+
+def _pair(x) -> tuple[int, int]:
+    return (int(x), int(x)) if isinstance(x, int) else (int(x[0]), int(x[1]))
+
+
+@dataclass
+class FlopCount:
+    """FLOPs of ``batch_size`` images: ``total`` and ``by_part`` (see PARTS), plus how they were counted.
+
+    ``total`` is hardware FLOPs (with training: forward + backward + the recomputed forward when
+    ``recompute``); ``model_flops`` leaves the recomputation out (the numerator of MFU).
+    """
+
+    total: int
+    by_part: dict[str, int]
+    model_flops: int
+    batch_size: int
+    training: bool
+    recompute: bool
+    shape: ViTShape = field(repr=False)
+
+    @property
+    def macs(self) -> float:
+        return self.total / 2
+
+    @property
+    def per_image(self) -> float:
+        return self.total / self.batch_size
+
+    def __str__(self) -> str:
+        kind = "training" if self.training else "forward"
+        rows = [f"{kind} FLOPs for {self.batch_size} image(s): {self.total / 1e9:.3f} GFLOPs "
+                f"({self.macs / 1e9:.3f} GMACs){' incl. recompute' if self.recompute else ''}"]
+        rows += [f"  {k:12s} {v / 1e9:10.4f} G  {100 * v / max(self.total, 1):5.1f}%" for k, v in self.by_part.items()]
+        return "\n".join(rows)
+
+
+def forward_by_part(shape: ViTShape) -> dict[str, int]:
+    """Forward FLOPs of one image, by part."""
+    H, W = shape.img_size
+    P = shape.patch_size
+    if H % P or W % P:
+        raise ValueError(f"image size {H}x{W} is not divisible by the patch size {P}")
+    N = (H // P) * (W // P)
+    T = N + shape.num_prefix_tokens
+    C, L = shape.embed_dim, shape.depth
+    return {
+        "patch_embed": 2 * N * C * shape.in_chans * P * P,
+        "qkv": L * 2 * T * C * shape.qkv_dim,
+        "attn_scores": L * 2 * T * T * C,
+        "attn_values": L * 2 * T * T * C,
+        "proj": L * 2 * T * C * C,
+        "mlp": L * 2 * T * C * shape.mlp_hidden * 2,
+        "head": 2 * C * shape.num_classes,
+    }
+
+
+def count(model, image_size=None, batch_size: int = 1, training: bool = False, recompute: bool | None = None
+          ) -> FlopCount:
+    """Analytic FLOPs of ``model`` (see the module docstring) for ``batch_size`` images.
+
+    Args:
+        model: a vitkernels/timm VisionTransformer (possibly compiled or DDP-wrapped), a model name or a
+            constructor-argument dict.
+        image_size: int or (H, W); default the model's.
+        training: forward + backward (3x) instead of forward only.
+        recompute: count the blocks' recomputed forward of gradient checkpointing; None reads
+            ``model.grad_checkpointing``. Only matters when ``training``.
+    """
+    register_flop_formulas()
+    shape = shape_of(model, image_size)
+    fwd = forward_by_part(shape)
+    if recompute is None:
+        inner = getattr(getattr(model, "_orig_mod", model), "module", getattr(model, "_orig_mod", model))
+        recompute = bool(getattr(inner, "grad_checkpointing", False))
+    recompute = bool(recompute and training)
+    by_part = {}
+    for part, f in fwd.items():
+        mult = (3 + (1 if recompute and part in _BLOCK_PARTS else 0)) if training else 1
+        by_part[part] = f * mult * batch_size
+    model_flops = sum(fwd.values()) * (3 if training else 1) * batch_size
+    return FlopCount(sum(by_part.values()), by_part, model_flops, batch_size, training, recompute, shape)
+
+
+# -- FlopCounterMode formulas for the custom ops ---------------------------------------------------------------
+def _prod(xs) -> int:
+    return math.prod(int(x) for x in xs)
+
+
+def _linear_fwd_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """x (..., K) @ W (M, K)^T."""
+    return 2 * _prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
+
+
+def _linear_bwd_flops(grad_out_shape, x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """dx = dy W and dW = dy^T x: one product of the forward's size each (FlopCounterMode's mm backward).
+
+    The triton op takes (grad_out, x, weight, z, activation, needs_dx, needs_dw, needs_db): when such
+    flags are passed (as the first two bools after weight, or as keywords), a gradient not asked for is not
+    counted.
+    """
+    flags = [a for a in args if isinstance(a, bool)]
+    needs_dx = kwargs.get("needs_dx", flags[0] if len(flags) >= 2 else True)
+    needs_dw = kwargs.get("needs_dw", flags[1] if len(flags) >= 2 else True)
+    return (int(bool(needs_dx)) + int(bool(needs_dw))) * _linear_fwd_flops(x_shape, w_shape)
+
+
+def _attention_fwd_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    """q (..., N, D), k (..., M, D), v (..., M, Dv): q k^T and p v."""
+    batch = _prod(q_shape[:-2])
+    N, D = q_shape[-2], q_shape[-1]
+    M, Dv = k_shape[-2], v_shape[-1]
+    return 2 * batch * N * M * (D + Dv)
+
+
+def _attention_bwd_flops(grad_out_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    """dv = p^T do, dp = do v^T, dq = ds k, dk = ds^T q: 2x the forward, as FlopCounterMode counts SDPA's
+    backward (a kernel that recomputes p does more arithmetic; that is not model FLOPs)."""
+    return 2 * _attention_fwd_flops(q_shape, k_shape, v_shape)
+
+
+def _patch_embed_fwd_flops(images_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """images (B, Ci, H, W) conv weight (C, Ci, P, P) with stride P."""
+    B, _, H, W = images_shape
+    C, Ci, P, _ = w_shape
+    return 2 * B * (H // P) * (W // P) * C * Ci * P * P
+
+
+def _patch_embed_bwd_flops(grad_out_shape, images_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """The weight gradient only (images never need a gradient in a ViT), as FlopCounterMode counts a conv
+    backward with output_mask (False, True, ...)."""
+    return _patch_embed_fwd_flops(images_shape, w_shape)
+
+
+_FORMULAS = {
+    "linear_fwd": _linear_fwd_flops,
+    "linear_bwd": _linear_bwd_flops,
+    "attention_fwd": _attention_fwd_flops,
+    "attention_bwd": _attention_bwd_flops,
+    "patch_embed_fwd": _patch_embed_fwd_flops,
+    "patch_embed_bwd": _patch_embed_bwd_flops,
+}
+_NAMESPACES = {"vitkernels_triton": "vitkernels.triton", "vitkernels_C": "vitkernels.cuda"}
+_REGISTERED: set[str] = set()
+
+
+def register_flop_formulas(import_backends: bool = False) -> list[str]:
+    """Register FlopCounterMode formulas for every custom op of the triton and cuda backends that exists.
+
+    Ops exist once their backend file is imported (``torch.library.custom_op`` runs at import) or the
+    extension is loaded; ops that do not exist (yet) and ops already registered are skipped, so this is
+    cheap and safe to call repeatedly (``count`` calls it). With ``import_backends``, the op files of each
+    backend usable here are imported first (for the cuda backend that may JIT-build the extension: minutes).
+    Returns the qualified names registered so far.
+    """
+    import importlib
+
+    import torch
+    from torch.utils.flop_counter import register_flop_formula
+
+    from vitkernels.backends import why_not
+
+    for ns, package in _NAMESPACES.items():
+        if import_backends and why_not(package.rsplit(".", 1)[1]) is None:
+            backend = importlib.import_module(package)
+            for op_file in ("linear", "attention", "patch_embed"):
+                backend.get_op(op_file)
+        namespace = getattr(torch.ops, ns)
+        for name, formula in _FORMULAS.items():
+            qualname = f"{ns}::{name}"
+            if qualname in _REGISTERED:
+                continue
+            try:
+                packet = getattr(namespace, name)
+            except (AttributeError, RuntimeError):
+                continue
+            try:
+                register_flop_formula(packet)(formula)
+            except RuntimeError as exc:  # registered by an earlier import of this module
+                if "duplicate" not in str(exc).lower():
+                    raise
+            _REGISTERED.add(qualname)
+    return sorted(_REGISTERED)
+
+
+# -- peak throughput and MFU -----------------------------------------------------------------------------------
+# Dense (no sparsity) peak TFLOP/s from the vendors' datasheets: (substring of torch.cuda.get_device_name,
+# {dtype: TFLOP/s}). fp32 is plain FP32 (TF32 off, as the tests and bench run). First match wins, so the
+# more specific names come first.
+PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
+    ("GH200", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
+    ("H200", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0}),
+    ("H100 NVL", {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0}),
+    ("H100", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),  # SXM
+    ("H800", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
+    ("B200", {"bf16": 2250.0, "fp16": 2250.0, "fp32": 75.0}),
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
+    ("A800", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
+    ("L40S", {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6}),
+    ("L40", {"bf16": 181.0, "fp16": 181.0, "fp32": 90.5}),
+    ("L4", {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3}),
+    ("A10G", {"bf16": 70.0, "fp16": 70.0, "fp32": 31.2}),
+    ("A10", {"bf16": 125.0, "fp16": 125.0, "fp32": 31.2}),
+    ("RTX 6000 Ada", {"bf16": 364.0, "fp16": 364.0, "fp32": 91.1}),
+    ("RTX A6000", {"bf16": 155.0, "fp16": 155.0, "fp32": 38.7}),
+    ("RTX 4090", {"bf16": 165.0, "fp16": 165.0, "fp32": 82.6}),
+    ("RTX 3090", {"bf16": 71.0, "fp16": 71.0, "fp32": 35.6}),
+    ("V100", {"fp16": 125.0, "fp32": 15.7}),
+    ("T4", {"fp16": 65.0, "fp32": 8.1}),
+]
+
+_DTYPE_NAMES = {"bf16": "bf16", "bfloat16": "bf16", "torch.bfloat16": "bf16", "fp16": "fp16", "float16": "fp16",
+                "half": "fp16", "torch.float16": "fp16", "fp32": "fp32", "float32": "fp32", "none": "fp32",
+                "torch.float32": "fp32", "float": "fp32"}
+
+
+def peak_tflops(device_name: str | None, dtype: str = "bf16") -> float | None:
+    """Dense peak TFLOP/s of ``device_name`` (e.g. torch.cuda.get_device_name()) in ``dtype`` (bf16, fp16,
+    fp32 or a torch dtype), or None when unknown (or a CPU)."""
+    if not device_name:
+        return None
+    key = _DTYPE_NAMES.get(str(dtype).lower())
+    if key is None:
+        raise ValueError(f"unknown dtype {dtype!r} for peak_tflops; use bf16, fp16 or fp32")
+    for pattern, table in PEAK_TFLOPS:
+        if pattern.lower() in device_name.lower():
+            return table.get(key)
+    return None
+
+
+def mfu(flops_per_s: float, device_name: str | None, dtype: str = "bf16", peak: float | None = None
+        ) -> float | None:
+    """Model FLOPs utilisation: achieved FLOP/s over the peak (``peak`` TFLOP/s overrides the table)."""
+    peak = peak if peak is not None else peak_tflops(device_name, dtype)
+    return None if not peak else flops_per_s / (peak * 1e12)
