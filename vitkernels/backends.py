@@ -72,9 +72,6 @@ def _probe(name: str) -> tuple[ModuleType | None, str | None]:
         try:
             module = importlib.import_module(_IMPL_MODULES[name])
             why = None if name == "torch" else module.why_unavailable()
-            if why is None:
-                for op in _OPS:  # import every op file now, outside any traced region
-                    module.get_op(op)
         except Exception as exc:  # a broken install must not break `import vitkernels`
             module, why = None, f"cannot import {_IMPL_MODULES[name]}: {type(exc).__name__}: {exc}"
         _PROBED[name] = (None, why) if why else (module, None)
@@ -98,11 +95,19 @@ def available_backends(device: torch.device | str | None = None) -> dict[str, st
 
 
 def prepare(backend: str | None) -> None:
-    """Probe (import) the backends that ``backend`` may resolve to, now: probing imports modules, which
-    torch.compile cannot trace, so models call this at construction, outside any traced region."""
+    """Import, now, the op files that ``backend`` will run: importing is what torch.compile cannot trace, so
+    models call this at construction, outside any traced region. ``auto`` prepares the backend it picks for
+    CUDA tensors when a GPU is visible (on CPU it picks ``torch``). Importing the cuda backend's ops loads
+    (or JIT-builds) the extension, so plain probing (``available_backends``) never does this."""
     name = default_backend() if backend is None else check_name(backend)
-    for candidate in CONCRETE if name == "auto" else (name,):
-        _probe(candidate)
+    if name == "auto":
+        if not torch.cuda.is_available():
+            return
+        name = next((b for b in _AUTO_ORDER_CUDA if why_not(b) is None), "torch")
+    module, _ = _probe(name)
+    if module is not None:
+        for op in _OPS:
+            module.get_op(op)
 
 
 def get_impl(name: str) -> ModuleType:

@@ -29,10 +29,17 @@ import importlib.util
 import os
 import re
 import shutil
+import sys
 import warnings
 
 DEFAULT_ARCH_LIST = "8.0;9.0"
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../vitkernels
+
+# torch.utils.cpp_extension locates the toolkit when first imported: CUDA_HOME, else the directory above the
+# first `nvcc` on PATH, else /usr/local/cuda. A wrapper such as /usr/local/bin/nvcc makes it guess /usr/local
+# (and warn); prefer the standard toolkit location when it exists and the user chose nothing.
+if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
 # The loaded extension module (vitkernels._C or the JIT-built one), and the last failure to load it.
 _EXTENSION = None
@@ -131,14 +138,14 @@ def jit_name(with_cuda: bool) -> str:
 
 def why_no_jit() -> str | None:
     """Why a JIT build is impossible here (None when sources, a C++ compiler and ninja are all present)."""
-    from torch.utils.cpp_extension import is_ninja_available
-
     missing = []
     if csrc_dir() is None:
         missing.append("the C++ sources (csrc/; set VITKERNELS_CSRC)")
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         missing.append(f"a C++ compiler ({os.environ.get('CXX', 'c++')})")
-    if not is_ninja_available():
+    # shutil.which rather than cpp_extension.is_ninja_available: importing cpp_extension just to probe logs
+    # a toolkit warning on every GPU-less `import`; the ninja pip package puts `ninja` on the venv's PATH.
+    if shutil.which("ninja") is None and shutil.which("ninja", path=os.path.dirname(sys.executable)) is None:
         missing.append("ninja (pip install ninja)")
     return ", ".join(missing) + " not found" if missing else None
 
