@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
-import subprocess
 import sys
 
 import torch
 import torch.nn.functional as F
+
+from bench_common import commit, refuse, write_rows
 
 CASES = {  # name: (B, H, N, D)
     "vit_b16": (256, 12, 197, 64),
@@ -31,15 +30,6 @@ CASES = {  # name: (B, H, N, D)
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
-
-
-def _commit() -> str:
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 def _times(fn, qkv: torch.Tensor) -> dict[str, float]:
@@ -96,7 +86,7 @@ def bench_case(name: str, dtype: torch.dtype) -> list[dict]:
     common = {
         "op": "attention", "case": name, "B": B, "H": H, "N": N, "D": D, "dtype": str(dtype).replace("torch.", ""),
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-        "cuda": torch.version.cuda, "commit": _commit(),
+        "cuda": torch.version.cuda, "commit": commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     rows = []
@@ -124,12 +114,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="write the result rows as a JSON list to this file "
                                       "(e.g. benchmarks/results/attention_<date>.json)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_attention.py needs a CUDA GPU (none visible); nothing was measured.", file=sys.stderr)
-        return 2
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        print("unset TRITON_INTERPRET: the interpreter is for tests, not timings.", file=sys.stderr)
-        return 2
+    if (code := refuse("bench_attention.py")) is not None:
+        return code
     torch.backends.cuda.matmul.allow_tf32 = False
     rows = []
     print(f"{'case':8s} {'phase':9s} {'impl':26s} {'ms':>8s} {'TFLOP/s':>8s}  note")
@@ -143,10 +129,7 @@ def main(argv=None) -> int:
             note = (f"{row['speedup_vs_best_sdpa']:.2f}x vs {row['best_sdpa']}"
                     if "speedup_vs_best_sdpa" in row else "")
             print(f"{row['case']:8s} {row['phase']:9s} {row['impl']:26s} {row['ms']:8.3f} {row['tflops']:8.1f}  {note}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=2)
-        print(f"wrote {len(rows)} rows to {args.out}")
+    write_rows(rows, args.out)
     return 0
 
 

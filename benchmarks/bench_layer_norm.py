@@ -19,26 +19,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
-import subprocess
 import sys
 
 import torch
 import torch.nn.functional as F
 
+from bench_common import commit, refuse, write_rows
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKENS = 197  # ViT-B/16 at 224 px: 14 x 14 patches + the class token
 EPS = 1e-6
-
-
-def _commit() -> str:
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 def _eager(x, weight, bias, residual):
@@ -91,7 +81,7 @@ def bench(batch: int, C: int, dtype: torch.dtype) -> list[dict]:
         "op": "layer_norm", "R": R, "C": C, "batch": batch, "tokens": TOKENS,
         "dtype": str(dtype).replace("torch.", ""), "copy_ms": copy_ms, "copy_gbs": copy_gbs,
         "device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "triton": triton.__version__,
-        "cuda": torch.version.cuda, "commit": _commit(),
+        "cuda": torch.version.cuda, "commit": commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     rows = []
@@ -119,12 +109,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--out", help="write the result rows as a JSON list to this file")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_layer_norm.py needs a CUDA GPU (none visible); nothing was measured.", file=sys.stderr)
-        return 2
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        print("unset TRITON_INTERPRET: the interpreter is for tests, not timings.", file=sys.stderr)
-        return 2
+    if (code := refuse("bench_layer_norm.py")) is not None:
+        return code
     rows = bench(args.batch, args.width, DTYPES[args.dtype])
     print(f"copy (x.clone()): {rows[0]['copy_ms']:.3f} ms, {rows[0]['copy_gbs']:.0f} GB/s")
     print(f"{'case':8s} {'phase':5s} {'triton ms':>9s} {'torch ms':>9s} {'triton GB/s':>11s} {'torch GB/s':>10s} "
@@ -133,10 +119,7 @@ def main(argv=None) -> int:
         print(f"{row['case']:8s} {row['phase']:5s} {row['triton_ms']:9.3f} {row['torch_ms']:9.3f} "
               f"{row['triton_gbs']:11.0f} {row['torch_gbs']:10.0f} {row['triton_frac_copy']:6.0%} "
               f"{row['speedup']:7.2f}x")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=2)
-        print(f"wrote {len(rows)} rows to {args.out}")
+    write_rows(rows, args.out)
     return 0
 
 

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
-import subprocess
 import sys
 
 import torch
 import torch.nn.functional as F
+
+from bench_common import commit, refuse, write_rows
 
 CASES = {  # name: (K in, M out, activation, residual)
     "qkv": (768, 2304, None, False),
@@ -35,15 +34,6 @@ CASES = {  # name: (K in, M out, activation, residual)
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKENS = 197  # ViT-B/16 at 224 px: 14 x 14 patches + the class token
-
-
-def _commit() -> str:
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 def _eager(x, weight, bias, activation, residual):
@@ -99,7 +89,7 @@ def bench_case(name: str, batch: int, dtype: torch.dtype) -> list[dict]:
         "op": "linear", "case": name, "epilogue": epilogue, "R": R, "K": K, "M": M, "batch": batch,
         "tokens": TOKENS, "dtype": str(dtype).replace("torch.", ""),
         "device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "triton": triton.__version__,
-        "cuda": torch.version.cuda, "commit": _commit(),
+        "cuda": torch.version.cuda, "commit": commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     rows = []
@@ -121,12 +111,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
     parser.add_argument("--out", help="write the result rows as a JSON list to this file")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_linear.py needs a CUDA GPU (none visible); nothing was measured.", file=sys.stderr)
-        return 2
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        print("unset TRITON_INTERPRET: the interpreter is for tests, not timings.", file=sys.stderr)
-        return 2
+    if (code := refuse("bench_linear.py")) is not None:
+        return code
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 runs compare against full-precision cuBLAS
     rows = []
     print(f"{'case':5s} {'phase':9s} {'triton ms':>9s} {'torch ms':>9s} {'triton TF/s':>11s} "
@@ -136,10 +122,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{row['case']:5s} {row['phase']:9s} {row['triton_ms']:9.3f} {row['torch_ms']:9.3f} "
                   f"{row['triton_tflops']:11.1f} {row['torch_tflops']:10.1f} {row['speedup']:7.2f}x")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=2)
-        print(f"wrote {len(rows)} rows to {args.out}")
+    write_rows(rows, args.out)
     return 0
 
 

@@ -17,23 +17,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
-import subprocess
 import sys
 
 import torch
 
+from bench_common import commit, refuse, write_rows
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def _commit() -> str:
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 def _eager(images, weight, bias, pos_embed, cls_token):
@@ -81,7 +71,7 @@ def bench(batch: int, img: int, P: int, D: int, C: int, dtype: torch.dtype) -> l
         "op": "patch_embed", "batch": batch, "img": img, "P": P, "C": C, "D": D, "N": N, "M": M, "K": K,
         "dtype": str(dtype).replace("torch.", ""),
         "device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "triton": triton.__version__,
-        "cuda": torch.version.cuda, "commit": _commit(),
+        "cuda": torch.version.cuda, "commit": commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     frozen = (images, weight, bias, pos, cls)
@@ -113,12 +103,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--out", help="write the result rows as a JSON list to this file")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_patch_embed.py needs a CUDA GPU (none visible); nothing was measured.", file=sys.stderr)
-        return 2
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        print("unset TRITON_INTERPRET: the interpreter is for tests, not timings.", file=sys.stderr)
-        return 2
+    if (code := refuse("bench_patch_embed.py")) is not None:
+        return code
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 runs compare against full-precision cuDNN
     torch.backends.cudnn.allow_tf32 = False
     rows = bench(args.batch, args.img, args.patch, args.dim, args.chans, DTYPES[args.dtype])
@@ -127,10 +113,7 @@ def main(argv=None) -> int:
     for row in rows:
         print(f"{row['phase']:11s} {row['triton_ms']:9.3f} {row['torch_ms']:9.3f} {row['triton_tflops']:11.1f} "
               f"{row['torch_tflops']:10.1f} {row['speedup']:7.2f}x")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=2)
-        print(f"wrote {len(rows)} rows to {args.out}")
+    write_rows(rows, args.out)
     return 0
 
 
