@@ -63,14 +63,14 @@ _FROM_METRICS = ("model", "embed_dim", "depth", "num_heads", "patch_size", "img_
 _ARCHITECTURE = ("embed_dim", "depth", "num_heads", "patch_size", "img_size")
 
 # Default grids, on mnist5k (4,000 training digits, 28x28; train's presets give the other hyper-parameters).
-# CPU: 2 sizes x 2 patch sizes (16 or 49 patches) x 2 lengths = 8 runs, 664 CPU-seconds in all when measured
-# (docs/sweep_cpu/README.md): sized for 15 minutes on an idle 2-core machine; it took 25 on a heavily shared one.
+# CPU: 2 sizes x 2 patch sizes (16 or 49 patches) x 3 lengths = 12 runs, sized for well under 15 minutes on an
+# idle 2-core machine (docs/sweep_cpu/README.md has the measured time).
 # GPU: 4 sizes x 2 patch sizes x 3 lengths = 24 runs (not measured yet: no GPU was at hand when it was written).
 _CPU_SIZES = ({"embed_dim": 32, "depth": 2, "num_heads": 2}, {"embed_dim": 64, "depth": 4, "num_heads": 4})
 _GPU_SIZES = ({"embed_dim": 64, "depth": 4, "num_heads": 4}, {"embed_dim": 128, "depth": 6, "num_heads": 4},
               {"embed_dim": 192, "depth": 8, "num_heads": 6}, {"embed_dim": 256, "depth": 8, "num_heads": 8})
 DEFAULT_GRIDS = {
-    "cpu": [dict(size, patch_size=p, epochs=e) for size in _CPU_SIZES for p in (7, 4) for e in (1, 3)],
+    "cpu": [dict(size, patch_size=p, epochs=e) for size in _CPU_SIZES for p in (7, 4) for e in (2, 8, 25)],
     "cuda": [dict(size, patch_size=p, epochs=e) for size in _GPU_SIZES for p in (7, 4) for e in (5, 15, 40)],
 }
 DEFAULT_DATASET = "mnist5k"

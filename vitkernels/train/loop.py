@@ -74,7 +74,7 @@ class TrainConfig:
 
 # Embedded defaults: with no options at all, `python -m vitkernels train` trains these.
 CPU_PRESET = dict(dataset="mnist5k", embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0, drop_path_rate=0.0,
-                  epochs=10, batch_size=64, lr=2e-3, weight_decay=0.05, label_smoothing=0.1, clip_grad=1.0,
+                  epochs=25, batch_size=64, lr=2e-3, weight_decay=0.05, label_smoothing=0.1, clip_grad=1.0,
                   amp="none")
 GPU_PRESET = dict(dataset="mnist5k", embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0, drop_path_rate=0.1,
                   epochs=40, batch_size=128, lr=1e-3, weight_decay=0.05, label_smoothing=0.1, clip_grad=1.0,
