@@ -32,6 +32,15 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
 fi
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-log "installing vitkernels (editable; extension build: ${VITKERNELS_BUILD_EXT:-auto}, CUDA_HOME=${CUDA_HOME:-unset})"
-"$PY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e . >&2
+# Skip the (re)install when this checkout is already installed and its built extension is newer than every
+# source it was built from: building vitkernels._C takes minutes on a small machine.
+so=$(ls vitkernels/_C*.so 2>/dev/null | head -n 1 || true)
+here=$("$PY" -c "import os, vitkernels; print(os.path.dirname(os.path.abspath(vitkernels.__file__)))" 2>/dev/null || true)
+if [ -n "$so" ] && [ "$here" = "$(pwd)/vitkernels" ] && \
+   [ -z "$(find csrc setup.py vitkernels/cuda/build.py -newer "$so" -print -quit)" ]; then
+  log "vitkernels is installed from this checkout and $so is up to date"
+else
+  log "installing vitkernels (editable; extension build: ${VITKERNELS_BUILD_EXT:-auto}, CUDA_HOME=${CUDA_HOME:-unset})"
+  "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e . >&2
+fi
 echo "$PY"
