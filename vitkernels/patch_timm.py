@@ -5,9 +5,10 @@
     vitkernels.unpatch_timm(model)        # back to timm's own forward
 
 The modules, parameters, state_dict and everything else of the timm model stay as they are; only the
-forwards of the model (``forward_features``), of each ``Block``, each LayerNorm and the classifier head are
-replaced (per instance, with ``types.MethodType``) by functions that call ``vitkernels.ops`` with the timm
-modules' own parameters:
+forwards of the model (``forward_features``), of each ``Block`` and its ``attn`` and ``mlp``, each LayerNorm
+and the classifier head are replaced (per instance, with ``types.MethodType``) by the same functions
+vitkernels' own modules run (``block_forward``, ``attention_forward``, ``mlp_forward`` in vitkernels/nn/),
+which call ``vitkernels.ops`` with the timm modules' own parameters:
 
     patch embed + class token + position embedding   one ops.patch_embed
     LayerNorm (norm1, norm2, norm_pre, norm, fc_norm, q/k norm)   ops.layer_norm (norm2 fused with the first
@@ -26,13 +27,15 @@ from __future__ import annotations
 import types
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
 from vitkernels import ops
 from vitkernels.backends import BackendError, check_name, resolve
 from vitkernels.convert import timm_vit_config
+from vitkernels.nn.attention import attention_forward
+from vitkernels.nn.block import block_forward
+from vitkernels.nn.mlp import mlp_forward
 
 __all__ = ["patch_timm", "unpatch_timm", "is_patched"]
 
@@ -55,53 +58,22 @@ def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return ops.linear(x, self.weight, self.bias, backend=getattr(self, _BACKEND))
 
 
-def _attention(attn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, backend: str) -> torch.Tensor:
-    """timm Attention on x (B, N, C): proj(attention(qkv(x))) [+ residual], residual fused into proj."""
-    B, N, C = x.shape
-    H, D = attn.num_heads, attn.head_dim
-    qkv = ops.linear(x, attn.qkv.weight, attn.qkv.bias, backend=backend)  # (B, N, 3C)
-    q, k, v = qkv.reshape(B, N, 3, H, D).unbind(2)  # each (B, N, H, D), strided views
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, D)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    if attn.training and attn.attn_drop.p > 0:
-        o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p, scale=attn.scale)
-    else:
-        o = ops.attention(q, k, v, scale=attn.scale, backend=backend)
-    o = o.transpose(1, 2).reshape(B, N, C)
-    if attn.training and attn.proj_drop.p > 0:
-        y = attn.proj_drop(ops.linear(o, attn.proj.weight, attn.proj.bias, backend=backend))
-        return y if residual is None else y + residual
-    return ops.linear(o, attn.proj.weight, attn.proj.bias, residual=residual, backend=backend)
+def _attention_forward(self: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None,
+                       attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    if attn_mask is not None or is_causal:  # masked attention: timm's own code
+        return type(self).forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
+    return attention_forward(self, x, residual, getattr(self, _BACKEND))
 
 
-def _mlp(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, backend: str) -> torch.Tensor:
-    """timm Mlp: fc2(drop1(GELU(fc1(x)))) [+ residual], GELU in fc1's epilogue, residual in fc2's."""
-    h = mlp.drop1(ops.linear(x, mlp.fc1.weight, mlp.fc1.bias, activation="gelu", backend=backend))
-    if mlp.training and mlp.drop2.p > 0:
-        y = mlp.drop2(ops.linear(h, mlp.fc2.weight, mlp.fc2.bias, backend=backend))
-        return y if residual is None else y + residual
-    return ops.linear(h, mlp.fc2.weight, mlp.fc2.bias, residual=residual, backend=backend)
-
-
-def _layer_scale(ls: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return x if isinstance(ls, nn.Identity) else x * ls.gamma  # never timm's in-place variant
+def _mlp_forward(self: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    return mlp_forward(self, x, residual, getattr(self, _BACKEND))
 
 
 def _block_forward(self: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                    is_causal: bool = False) -> torch.Tensor:
     if attn_mask is not None or is_causal:  # masked attention: timm's own code (its norms stay patched)
         return type(self).forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
-    backend = getattr(self, _BACKEND)
-    plain = (isinstance(self.ls1, nn.Identity) and isinstance(self.ls2, nn.Identity)
-             and (not self.training or (isinstance(self.drop_path1, nn.Identity)
-                                        and isinstance(self.drop_path2, nn.Identity))))
-    if plain:  # both residual adds in the GEMM epilogues
-        x = _attention(self.attn, self.norm1(x), x, backend)
-        return _mlp(self.mlp, self.norm2(x), x, backend)
-    branch = self.drop_path1(_layer_scale(self.ls1, _attention(self.attn, self.norm1(x), None, backend)))
-    n2 = self.norm2
-    h, x = ops.layer_norm(branch, n2.weight, n2.bias, eps=n2.eps, residual=x, backend=backend)  # x <- x + branch
-    return x + self.drop_path2(_layer_scale(self.ls2, _mlp(self.mlp, h, None, backend)))
+    return block_forward(self, x, getattr(self, _BACKEND))
 
 
 def _embed(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -172,6 +144,8 @@ def patch_timm(model: nn.Module, backend: str = "auto") -> nn.Module:
             _bind(m, "forward", _layer_norm_forward, backend)
     for blk in model.blocks:
         _bind(blk, "forward", _block_forward, backend)
+        _bind(blk.attn, "forward", _attention_forward, backend)
+        _bind(blk.mlp, "forward", _mlp_forward, backend)
     if isinstance(model.head, nn.Linear):
         _bind(model.head, "forward", _linear_forward, backend)
     _bind(model, "forward_features", _forward_features, backend)

@@ -41,24 +41,27 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.backend = backend
 
-    def attend(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, N, C) -> the heads' outputs concatenated, (B, N, C), before ``proj``."""
-        B, N, C = x.shape
-        qkv = ops.linear(x, self.qkv.weight, self.qkv.bias, backend=self.backend)  # (B, N, 3C)
-        q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).unbind(2)  # each (B, N, H, D), strided
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, D) views
-        q, k = self.q_norm(q), self.k_norm(k)
-        if self.training and self.attn_drop.p > 0:
-            # No fused kernel implements attention dropout: the reference path keeps the semantics.
-            o = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p, scale=self.scale)
-        else:
-            o = ops.attention(q, k, v, scale=self.scale, backend=self.backend)  # (B, H, N, D)
-        return o.transpose(1, 2).reshape(B, N, C)
-
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """proj(attention(x)) [+ residual]: the residual add is fused into the proj GEMM's epilogue."""
-        o = self.attend(x)
-        if self.proj_drop.p > 0 and self.training:
-            o = self.proj_drop(ops.linear(o, self.proj.weight, self.proj.bias, backend=self.backend))
-            return o if residual is None else o + residual
-        return ops.linear(o, self.proj.weight, self.proj.bias, residual=residual, backend=self.backend)
+        return attention_forward(self, x, residual, self.backend)
+
+
+def attention_forward(attn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """x (B, N, C) -> proj(attention(x)) [+ residual], for any module with timm's Attention attribute names
+    (``qkv``, ``q_norm``, ``k_norm``, ``attn_drop``, ``proj``, ``proj_drop``, ``num_heads``, ``head_dim``,
+    ``scale``): this Attention, and timm's own under ``vitkernels.patch_timm``."""
+    B, N, C = x.shape
+    qkv = ops.linear(x, attn.qkv.weight, attn.qkv.bias, backend=backend)  # (B, N, 3C)
+    q, k, v = qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim).unbind(2)  # each (B, N, H, D), strided
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, D) views
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if attn.training and attn.attn_drop.p > 0:
+        # No fused kernel implements attention dropout: the reference path keeps the semantics.
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p, scale=attn.scale)
+    else:
+        o = ops.attention(q, k, v, scale=attn.scale, backend=backend)  # (B, H, N, D)
+    o = o.transpose(1, 2).reshape(B, N, C)  # a view when the backend wrote (B, N, H, D)
+    if attn.training and attn.proj_drop.p > 0:
+        o = attn.proj_drop(ops.linear(o, attn.proj.weight, attn.proj.bias, backend=backend))
+        return o if residual is None else o + residual
+    return ops.linear(o, attn.proj.weight, attn.proj.bias, residual=residual, backend=backend)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vitkernels import ops
 from vitkernels.nn.attention import Attention
 from vitkernels.nn.mlp import Mlp
 from vitkernels.nn.norm import LayerNorm
@@ -59,17 +60,28 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), bias=proj_bias, drop=proj_drop, backend=backend)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-
-    def _plain_residual(self) -> bool:
-        """True when both branches are added unscaled and undropped, so the GEMM epilogues can add them."""
-        no_ls = isinstance(self.ls1, nn.Identity)
-        no_dp = isinstance(self.drop_path1, nn.Identity) or not self.training
-        return no_ls and no_dp
+        self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._plain_residual():
-            x = self.attn(self.norm1(x), residual=x)
-            return self.mlp(self.norm2(x), residual=x)
-        branch = self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        h, x = self.norm2(branch, residual=x)  # h = LN(x + branch), x <- x + branch
-        return x + self.drop_path2(self.ls2(self.mlp(h)))
+        return block_forward(self, x, self.backend)
+
+
+def _layer_scale(ls: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x if isinstance(ls, nn.Identity) else x * ls.gamma  # never timm's in-place variant
+
+
+def block_forward(blk: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
+    """x (B, N, C) -> (B, N, C) for any module with timm's Block attribute names (``norm1``, ``attn``, ``ls1``,
+    ``drop_path1``, ``norm2``, ``mlp``, ``ls2``, ``drop_path2``): this Block, and timm's own under
+    ``vitkernels.patch_timm``, whose ``attn`` and ``mlp`` take ``residual=``. The submodules are called (not
+    bypassed), so hooks on them fire. The residual adds are fused where the math allows (module docstring)."""
+    plain = (isinstance(blk.ls1, nn.Identity) and isinstance(blk.ls2, nn.Identity)
+             and (not blk.training or (isinstance(blk.drop_path1, nn.Identity)
+                                       and isinstance(blk.drop_path2, nn.Identity))))
+    if plain:  # both residual adds in the GEMM epilogues
+        x = blk.attn(blk.norm1(x), residual=x)
+        return blk.mlp(blk.norm2(x), residual=x)
+    branch = blk.drop_path1(_layer_scale(blk.ls1, blk.attn(blk.norm1(x))))
+    n2 = blk.norm2
+    h, x = ops.layer_norm(branch, n2.weight, n2.bias, eps=n2.eps, residual=x, backend=backend)  # x <- x + branch
+    return x + blk.drop_path2(_layer_scale(blk.ls2, blk.mlp(h)))

@@ -28,9 +28,14 @@ class Mlp(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        h = ops.linear(x, self.fc1.weight, self.fc1.bias, activation="gelu", backend=self.backend)
-        h = self.drop1(h)
-        if self.drop2.p > 0 and self.training:
-            y = self.drop2(ops.linear(h, self.fc2.weight, self.fc2.bias, backend=self.backend))
-            return y if residual is None else y + residual
-        return ops.linear(h, self.fc2.weight, self.fc2.bias, residual=residual, backend=self.backend)
+        return mlp_forward(self, x, residual, self.backend)
+
+
+def mlp_forward(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """x (B, N, C) -> fc2(drop1(GELU(fc1(x)))) [+ residual] for any module with timm's Mlp attribute names
+    (``fc1``, ``drop1``, ``fc2``, ``drop2``): GELU in fc1's epilogue, the residual in fc2's."""
+    h = mlp.drop1(ops.linear(x, mlp.fc1.weight, mlp.fc1.bias, activation="gelu", backend=backend))
+    if mlp.training and mlp.drop2.p > 0:
+        y = mlp.drop2(ops.linear(h, mlp.fc2.weight, mlp.fc2.bias, backend=backend))
+        return y if residual is None else y + residual
+    return ops.linear(h, mlp.fc2.weight, mlp.fc2.bias, residual=residual, backend=backend)
