@@ -2,12 +2,16 @@
 
 VITKERNELS_BUILD_EXT=0|1|auto (default auto): auto builds when torch is importable in the build environment
 and a C++ compiler is present (use ``pip install --no-build-isolation`` so the build sees your torch), and
-compiles the .cu sources too when CUDA_HOME is set and torch is a CUDA build; 1 makes a failed build an error;
-0 skips it (the ``cuda`` backend can then JIT-build the same sources on first use). TORCH_CUDA_ARCH_LIST is
-honoured (default "8.0;9.0"), MAX_JOBS too (torch.utils.cpp_extension reads it).
+compiles the .cu sources too when torch is a CUDA build and CUDA_HOME has an nvcc of torch's CUDA major
+version (else it builds the CPU twin alone and prints why); 1 makes a failed build an error; 0 skips it (the
+``cuda`` backend can then JIT-build the same sources on first use). TORCH_CUDA_ARCH_LIST is honoured (default
+"8.0;9.0"), MAX_JOBS too (torch.utils.cpp_extension reads it).
+
+The extension is a plain libtorch library (``vitkernels/_C.abi3.so``: operators registered with TORCH_LIBRARY,
+no Python bindings, ``py_limited_api=True`` so it does not link libtorch_python), loaded with
+``torch.ops.load_library`` by vitkernels/cuda/build.py: one build serves any Python with the same torch release.
 """
 
-import glob
 import os
 import shutil
 import sys
@@ -25,7 +29,7 @@ def _ext_modules_and_cmdclass():
         return [], {}
     try:
         sys.path.insert(0, HERE)
-        from vitkernels.cuda.build import extension_kwargs  # one description of the build, shared with the JIT
+        from vitkernels.cuda.build import cuda_toolkit, extension_kwargs  # shared with the JIT build
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except Exception as exc:  # noqa: BLE001
         if mode == "1":
@@ -39,9 +43,13 @@ def _ext_modules_and_cmdclass():
             sys.exit("VITKERNELS_BUILD_EXT=1 but no C++ compiler found")
         print("vitkernels: no C++ compiler, not building the extension")
         return [], {}
-    kw = extension_kwargs(root=HERE, relative=True)
+    why_no_cuda = cuda_toolkit()
+    if why_no_cuda is not None:
+        print(f"vitkernels: building the extension's CPU twin only: {why_no_cuda}")
+    kw = extension_kwargs(root=HERE, relative=True, with_cuda=why_no_cuda is None)
     ext_cls = CUDAExtension if kw.pop("with_cuda") else CppExtension
-    ext = ext_cls(name="vitkernels._C", **kw)
+    # py_limited_api: no libtorch_python, the file is named _C.abi3.so; the sources include no Python header.
+    ext = ext_cls(name="vitkernels._C", py_limited_api=True, **kw)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
@@ -54,12 +62,13 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["vitkernels", "vitkernels.*"]),
+    package_data={"vitkernels": ["datasets/*.npz", "datasets/*.md"]},  # mnist5k, the main job's default data
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy", "tqdm"],
     extras_require={
         "triton": ["triton>=3.6"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "timm", "transformers", "torchvision"],
-        "train": ["scikit-learn", "mlxtend", "matplotlib", "pillow"],
+        "train": ["scikit-learn", "matplotlib", "pillow"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
