@@ -37,6 +37,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from vitkernels.cli import ArgumentParser
+
 PROVIDERS = ("timm-eager", "timm-compile", "vitkernels-torch", "vitkernels-triton", "vitkernels-cuda")
 MODES = ("train", "infer")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -52,7 +54,7 @@ CPU_DEFAULT_SKIP = {"timm-compile": "skipped on CPU by default: compiling takes 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vitkernels bench", description=__doc__,
+    p = ArgumentParser(prog="vitkernels bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a vitkernels.list_models() name (default: see above)")
     p.add_argument("--img-size", type=int)

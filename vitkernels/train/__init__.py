@@ -15,13 +15,14 @@ import argparse
 import json
 import sys
 
+from vitkernels.cli import ArgumentParser
 from vitkernels.train.loop import CPU_PRESET, GPU_PRESET, TrainConfig, lr_at, param_groups, train
 
 __all__ = ["TrainConfig", "main", "parse_args", "train", "lr_at", "param_groups"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="vitkernels train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"CPU default: {json.dumps(CPU_PRESET)}\nGPU default: {json.dumps(GPU_PRESET)}")
     m = p.add_argument_group("model (a name, or explicit sizes; sizes also override a named model)")
@@ -77,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         metrics = train(cfg)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"vitkernels train: error: {exc}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, ImportError) as exc:  # one line, as every vitkernels command
+        from vitkernels.__main__ import error_line
+
+        print(f"vitkernels train: error: {error_line(exc)}", file=sys.stderr)
         return 2
     if metrics.get("world_size", 1) == 1 or _rank() == 0:
         acc = metrics["test_accuracy"]
