@@ -10,12 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from oracle import DEVICE, DTYPES, assert_budget, backend_params
 from vitkernels import ops
 from vitkernels.backends import get_impl, why_not
+from optional import hypothesis_api
+
+given, settings, st = hypothesis_api()
 
 BACKENDS = backend_params("triton", "cuda", op="attention")
 WHY_NO_TRITON = why_not("triton", DEVICE)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from timm.models.vision_transformer import VisionTransformer as TimmViT
 
 import vitkernels
+from optional import need
 from oracle import DEVICE
 from vitkernels import VisionTransformer
 from vitkernels.attention_maps import attention_maps, attention_rollout
 from vitkernels.backends import get_impl, why_not
+
+timm_vit = need("timm.models.vision_transformer")  # this module checks us against timm
+TimmViT = timm_vit.VisionTransformer
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
 CONFIGS = {

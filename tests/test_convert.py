@@ -12,12 +12,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from timm.models.vision_transformer import VisionTransformer as TimmViT
-from timm.models.vision_transformer import _load_weights as timm_load_npz
 
 import vitkernels
+from optional import need, requires
 from vitkernels import VisionTransformer
 from vitkernels.convert import UnsupportedModelError
+
+timm_vit = need("timm.models.vision_transformer")  # this module checks us against timm
+TimmViT = timm_vit.VisionTransformer
+timm_load_npz = timm_vit._load_weights
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
 
@@ -126,6 +129,7 @@ def _torchvision_vit(**kw):
 
 
 @pytest.mark.parametrize("kw", [{}, dict(hidden_dim=56, mlp_dim=61, num_heads=4)], ids=["ratio2", "ratio61_56"])
+@requires("torchvision")
 def test_from_torchvision_logits(kw):
     src = _torchvision_vit(**kw)
     model = vitkernels.from_torchvision(src, backend="torch")
@@ -136,6 +140,7 @@ def test_from_torchvision_logits(kw):
         assert _rel_err(model(x), src(x)) <= 1e-5
 
 
+@requires("torchvision")
 def test_from_torchvision_old_mlp_names_and_errors():
     # torchvision < 0.13 built the MLP as linear_1, act, dropout_1, linear_2, dropout_2: same modules, other names
     from collections import OrderedDict
@@ -173,6 +178,7 @@ def _hf_config(**kw):
 
 @pytest.mark.parametrize("kw", [{}, dict(layer_norm_eps=0.25, qkv_bias=False, intermediate_size=96)],
                          ids=["default_eps", "eps0.25_noqkvbias"])
+@requires("transformers")
 def test_from_hf_classification_logits(kw):
     from transformers import ViTForImageClassification
 
@@ -186,6 +192,7 @@ def test_from_hf_classification_logits(kw):
         assert _rel_err(model(x), ref.logits) <= 1e-5
 
 
+@requires("transformers")
 def test_from_hf_backbone_features():
     from transformers import ViTModel
 
@@ -201,6 +208,7 @@ def test_from_hf_backbone_features():
         vitkernels.from_hf(ViTModel(_hf_config()))
 
 
+@requires("transformers")
 def test_from_hf_errors():
     from transformers import ViTModel
 

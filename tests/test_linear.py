@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from oracle import DEVICE, DTYPES, assert_budget, backend_params
 from vitkernels import ops
+from optional import hypothesis_api
+
+given, settings, st = hypothesis_api()
 
 BACKENDS = backend_params("triton", "cuda", op="linear")
 

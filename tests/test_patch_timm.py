@@ -11,14 +11,17 @@ import copy
 
 import pytest
 import torch
-from timm.models.vision_transformer import VisionTransformer as TimmViT
 
 import vitkernels
+from optional import need
 import vitkernels.ops
 from vitkernels.convert import UnsupportedModelError
 from vitkernels.patch_timm import is_patched, unpatch_timm
 
 from oracle import DEVICE, assert_budget
+
+timm_vit = need("timm.models.vision_transformer")  # this module checks us against timm
+TimmViT = timm_vit.VisionTransformer
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
 

@@ -5,8 +5,12 @@ import struct
 
 import pytest
 
+from optional import need
+
 from vitkernels import plot
 from vitkernels.plot import PlotError, flop_unit, pareto_front
+
+need("matplotlib")  # every figure test draws with it
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

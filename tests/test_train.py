@@ -12,6 +12,8 @@ import time
 import pytest
 import torch
 
+from optional import requires
+
 from tests.test_data import make_cifar_dir, make_folder
 from vitkernels.train import TrainConfig, lr_at, main, param_groups, train
 
@@ -27,6 +29,7 @@ def _env():
     return env
 
 
+@requires("sklearn")
 def test_metrics_and_log(tmp_path):
     m = train(dict(TINY, dataset="digits", steps=12, eval_interval=6, out=str(tmp_path)))
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
@@ -48,6 +51,7 @@ def test_metrics_and_log(tmp_path):
     assert os.path.exists(tmp_path / "model.pt")
 
 
+@requires("sklearn")
 def test_learns_digits_above_chance(tmp_path):
     # 4 tokens of 4x4 pixels; 120 steps reach ~0.4 (0.39 at step 100 when this test was written).
     m = train(dict(TINY, dataset="digits", patch_size=4, steps=120, lr=3e-3, label_smoothing=0.0,
@@ -55,7 +59,8 @@ def test_learns_digits_above_chance(tmp_path):
     assert m["test_accuracy"] > 0.3, m["test_accuracy"]  # chance is 0.1
 
 
-@pytest.mark.parametrize("kind", ["synthetic", "mnist5k", "cifar10", "folder"])
+@pytest.mark.parametrize("kind", ["synthetic", "mnist5k", "cifar10",
+                                  pytest.param("folder", marks=requires("PIL"))])
 def test_every_dataset_kind(tmp_path, kind):
     if kind == "cifar10":
         dataset = f"cifar10:{make_cifar_dir(str(tmp_path / 'cifar'), per_batch=8)}"
@@ -69,6 +74,7 @@ def test_every_dataset_kind(tmp_path, kind):
     assert m["model_config"]["in_chans"] == (1 if kind == "mnist5k" else 3)
 
 
+@requires("sklearn")
 def test_options_amp_checkpointing_and_named_model(tmp_path):
     m = train(dict(TINY, dataset="digits", steps=3, amp="bf16", grad_checkpointing=True, label_smoothing=0.1,
                    clip_grad=0.5, out=str(tmp_path / "a")))
@@ -78,6 +84,7 @@ def test_options_amp_checkpointing_and_named_model(tmp_path):
     assert m["model_config"]["embed_dim"] == 32 and m["model_config"]["img_size"] == 16  # digits resized
 
 
+@requires("sklearn")
 def test_bad_input_gives_clear_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown dataset 'nope'"):
         train(dict(TINY, dataset="nope", steps=1, out=str(tmp_path)))
@@ -103,6 +110,7 @@ def test_schedule_and_weight_decay_groups():
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
 
 
+@requires("sklearn")
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
     """A run killed with SIGKILL after its first checkpoint and resumed ends with the same weights, bit for
     bit, as an uninterrupted run (CPU, deterministic)."""
@@ -142,6 +150,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@requires("sklearn")
 def test_ddp_two_ranks_gloo(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from timm.layers import resample_abs_pos_embed
-from timm.models.vision_transformer import VisionTransformer as TimmViT
 
 import vitkernels
+from optional import need
 from vitkernels import VisionTransformer
+
+resample_abs_pos_embed = need("timm.layers").resample_abs_pos_embed  # this module checks us against timm
+TimmViT = need("timm.models.vision_transformer").VisionTransformer
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
 
