@@ -108,7 +108,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
     const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_s, const at::Tensor& x,
-    const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd, bool has_bias) {
+    const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd, bool needs_dw,
+    bool needs_db) {
   check_layer_norm_bwd(grad_y, grad_s, x, weight, mean, rstd);
   VK_CHECK(x.is_cpu(), "layer_norm_bwd CPU kernel got a tensor on ", x.device());
   const int64_t C = x.size(-1);
@@ -155,8 +156,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
     });
   });
   at::Tensor sums = partial.sum(0);  // (2, C)
-  at::Tensor dweight = weight.has_value() ? sums[0].to(x.scalar_type()) : at::empty({0}, x.options());
-  at::Tensor dbias = has_bias ? sums[1].to(x.scalar_type()) : at::empty({0}, x.options());
+  at::Tensor dweight = needs_dw ? sums[0].to(x.scalar_type()) : at::empty({0}, x.options());
+  at::Tensor dbias = needs_db ? sums[1].to(x.scalar_type()) : at::empty({0}, x.options());
   return {dx, dweight, dbias};
 }
 
@@ -164,13 +165,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
 }  // namespace vitkernels
 
 TORCH_LIBRARY_FRAGMENT(vitkernels_C, m) {
-  // y, s (x + residual; empty (0,) without residual), mean and rstd (fp32, one per row).
+  // The contract of vitkernels/ops/layer_norm.py (checked when the cuda backend loads). s is empty (0,)
+  // without residual. x: the normalised input (s when a residual was fused); dx includes grad_s; dw / db are
+  // empty (0,) unless asked for.
   m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps, Tensor? residual) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
-  // x: the normalised input (s when a residual was fused). dx includes grad_s; dweight/dbias are empty (0,)
-  // when weight is None / has_bias is false.
+        "-> (Tensor y, Tensor s, Tensor mean, Tensor rstd)");
   m.def("layer_norm_bwd(Tensor grad_y, Tensor? grad_s, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, "
-        "bool has_bias) -> (Tensor, Tensor, Tensor)");
+        "bool needs_dw, bool needs_db) -> (Tensor dx, Tensor dw, Tensor db)");
 }
 
 TORCH_LIBRARY_IMPL(vitkernels_C, CPU, m) {

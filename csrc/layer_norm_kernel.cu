@@ -269,14 +269,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
     const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_s, const at::Tensor& x,
-    const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd, bool has_bias) {
+    const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd, bool needs_dw,
+    bool needs_db) {
   check_layer_norm_bwd(grad_y, grad_s, x, weight, mean, rstd);
   VK_CHECK(x.is_cuda(), "layer_norm_bwd CUDA kernel got a tensor on ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t C = x.size(-1);
   const int64_t R = x.numel() / C;
   at::Tensor dx = at::empty_like(x);
-  const bool need_params = weight.has_value() || has_bias;
+  const bool need_params = needs_dw || needs_db;
   // Row groups of stage 1: enough blocks to fill the GPU, each summing at least 32 rows.
   const int64_t G = std::max<int64_t>(1, std::min<int64_t>((R + 31) / 32, 512));
   const int64_t rows_per_group = (R + G - 1) / G;
@@ -310,8 +311,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
     });
   }
   at::Tensor sums = partial.sum(1);  // stage 2: (2, C)
-  at::Tensor dweight = weight.has_value() ? sums[0].to(x.scalar_type()) : at::empty({0}, x.options());
-  at::Tensor dbias = has_bias ? sums[1].to(x.scalar_type()) : at::empty({0}, x.options());
+  at::Tensor dweight = needs_dw ? sums[0].to(x.scalar_type()) : at::empty({0}, x.options());
+  at::Tensor dbias = needs_db ? sums[1].to(x.scalar_type()) : at::empty({0}, x.options());
   return {dx, dweight, dbias};
 }
 

@@ -30,6 +30,13 @@ void check_linear_fwd(const at::Tensor& x, const at::Tensor& weight, const std::
   VK_CHECK_OPTIONAL(residual, x, out_shape);
 }
 
+// The epilogue's activation: "gelu" (exact erf) or "none"; true for GELU.
+bool check_activation(c10::string_view activation) {
+  VK_CHECK(activation == "gelu" || activation == "none", "activation must be 'none' or 'gelu', got ",
+           std::string(activation));
+  return activation == "gelu";
+}
+
 void check_linear_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                       const std::optional<at::Tensor>& preact) {
   check_linear_fwd(x, weight, std::nullopt, std::nullopt);
@@ -52,9 +59,11 @@ float gelu_grad(float h) {
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                                  const std::optional<at::Tensor>& bias, bool gelu_act,
-                                                  const std::optional<at::Tensor>& residual) {
+                                                  const std::optional<at::Tensor>& bias,
+                                                  const std::optional<at::Tensor>& residual,
+                                                  c10::string_view activation, bool save_z) {
   check_linear_fwd(x, weight, bias, residual);
+  const bool gelu_act = check_activation(activation);
   VK_CHECK(x.is_cpu(), "linear_fwd CPU kernel got a tensor on ", x.device());
   const int64_t K = x.size(-1), M = weight.size(0), R = x.numel() / K;
   std::vector<int64_t> out_shape = x.sizes().vec();
@@ -62,20 +71,20 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
   // The GEMM in fp32 (as cuBLAS accumulates); the epilogue below is what the CUDA epilogue kernel does.
   at::Tensor h = at::matmul(x.reshape({R, K}).to(at::kFloat), weight.to(at::kFloat).t()).contiguous();
   at::Tensor out = at::empty(out_shape, x.options());
-  at::Tensor preact = gelu_act ? at::empty(out_shape, x.options()) : at::empty({0}, x.options());
+  at::Tensor preact = gelu_act && save_z ? at::empty(out_shape, x.options()) : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_fwd_cpu", [&] {
     const float* hp = h.const_data_ptr<float>();
     const scalar_t* bp = bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* rp = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    scalar_t* pp = gelu_act ? preact.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* pp = gelu_act && save_z ? preact.mutable_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         for (int64_t j = 0; j < M; ++j) {
           const int64_t i = r * M + j;
           float v = hp[i] + (bp ? static_cast<float>(bp[j]) : 0.0f);
           if (gelu_act) {
-            pp[i] = static_cast<scalar_t>(v);
+            if (pp) pp[i] = static_cast<scalar_t>(v);
             v = gelu(v);
           }
           if (rp) v += static_cast<float>(rp[i]);
@@ -90,8 +99,11 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                                                               const at::Tensor& weight,
                                                               const std::optional<at::Tensor>& preact,
-                                                              bool has_bias, bool need_dx, bool need_dweight) {
+                                                              c10::string_view activation, bool needs_dx,
+                                                              bool needs_dw, bool needs_db) {
   check_linear_bwd(grad_out, x, weight, preact);
+  const bool gelu_act = check_activation(activation);
+  VK_CHECK(!gelu_act || preact.has_value(), "linear_bwd with GELU needs the saved pre-activation z");
   VK_CHECK(x.is_cpu(), "linear_bwd CPU kernel got a tensor on ", x.device());
   const int64_t K = x.size(-1), M = weight.size(0), R = x.numel() / K;
   // dh = dout * gelu'(h) in fp32, and the bias gradient as column sums (double).
@@ -100,13 +112,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& 
   at::Tensor dbias64 = at::zeros({M}, x.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_bwd_cpu", [&] {
     float* dhp = dh.mutable_data_ptr<float>();
-    const scalar_t* pp = preact.has_value() ? preact->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pp = gelu_act ? preact->const_data_ptr<scalar_t>() : nullptr;
     if (pp) {
       at::parallel_for(0, R * M, 4096, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) dhp[i] *= gelu_grad(static_cast<float>(pp[i]));
       });
     }
-    if (has_bias) {
+    if (needs_db) {
       double* dbp = dbias64.mutable_data_ptr<double>();
       at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
         for (int64_t j = begin; j < end; ++j) {
@@ -118,11 +130,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& 
     }
   });
   std::vector<int64_t> x_shape = x.sizes().vec();
-  at::Tensor dx = need_dx ? at::matmul(dh, weight.to(at::kFloat)).to(x.scalar_type()).reshape(x_shape)
+  at::Tensor dx = needs_dx ? at::matmul(dh, weight.to(at::kFloat)).to(x.scalar_type()).reshape(x_shape)
                           : at::empty({0}, x.options());
-  at::Tensor dweight = need_dweight ? at::matmul(dh.t(), x.reshape({R, K}).to(at::kFloat)).to(x.scalar_type())
+  at::Tensor dweight = needs_dw ? at::matmul(dh.t(), x.reshape({R, K}).to(at::kFloat)).to(x.scalar_type())
                                     : at::empty({0}, x.options());
-  at::Tensor dbias = has_bias ? dbias64.to(x.scalar_type()) : at::empty({0}, x.options());
+  at::Tensor dbias = needs_db ? dbias64.to(x.scalar_type()) : at::empty({0}, x.options());
   return {dx, dweight, dbias};
 }
 
@@ -130,12 +142,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& 
 }  // namespace vitkernels
 
 TORCH_LIBRARY_FRAGMENT(vitkernels_C, m) {
-  // out (..., M) and the pre-activation x W^T + b (..., M) when gelu (empty (0,) otherwise).
-  m.def("linear_fwd(Tensor x, Tensor weight, Tensor? bias, bool gelu, Tensor? residual) -> (Tensor, Tensor)");
-  // preact: the forward's pre-activation when it applied GELU, else None. Gradients not asked for (and dbias
-  // without a bias) come back empty (0,).
-  m.def("linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? preact, bool has_bias, bool need_dx, "
-        "bool need_dweight) -> (Tensor, Tensor, Tensor)");
+  // The contract of vitkernels/ops/linear.py (checked when the cuda backend loads): x (R, K), weight (M, K);
+  // z is the pre-activation, returned when activation is "gelu" and save_z, else empty (0,). Gradients not
+  // asked for come back empty (0,).
+  m.def("linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, str activation, bool save_z) "
+        "-> (Tensor y, Tensor z)");
+  m.def("linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? z, str activation, bool needs_dx, "
+        "bool needs_dw, bool needs_db) -> (Tensor dx, Tensor dw, Tensor db)");
 }
 
 TORCH_LIBRARY_IMPL(vitkernels_C, CPU, m) {

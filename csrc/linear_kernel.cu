@@ -26,6 +26,7 @@ void check_linear_fwd(const at::Tensor& x, const at::Tensor& weight, const std::
                       const std::optional<at::Tensor>& residual);
 void check_linear_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                       const std::optional<at::Tensor>& preact);
+bool check_activation(c10::string_view activation);
 
 namespace {
 
@@ -101,9 +102,11 @@ unsigned elementwise_blocks(int64_t total) {
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                                   const std::optional<at::Tensor>& bias, bool gelu_act,
-                                                   const std::optional<at::Tensor>& residual) {
+                                                   const std::optional<at::Tensor>& bias,
+                                                   const std::optional<at::Tensor>& residual,
+                                                   c10::string_view activation, bool save_z) {
   check_linear_fwd(x, weight, bias, residual);
+  const bool gelu_act = check_activation(activation);
   VK_CHECK(x.is_cuda(), "linear_fwd CUDA kernel got a tensor on ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t K = x.size(-1), M = weight.size(0), R = x.numel() / K;
@@ -127,32 +130,34 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cuda(const at::Tensor& x, const at
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  at::Tensor preact = gelu_act ? h.view(out_shape) : at::empty({0}, x.options());
+  at::Tensor preact = gelu_act && save_z ? h.view(out_shape) : at::empty({0}, x.options());
   return {out.view(out_shape), preact};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& x,
                                                                const at::Tensor& weight,
                                                                const std::optional<at::Tensor>& preact,
-                                                               bool has_bias, bool need_dx, bool need_dweight) {
+                                                               c10::string_view activation, bool needs_dx,
+                                                               bool needs_dw, bool needs_db) {
   check_linear_bwd(grad_out, x, weight, preact);
+  const bool gelu_act = check_activation(activation);
+  VK_CHECK(!gelu_act || preact.has_value(), "linear_bwd with GELU needs the saved pre-activation z");
   VK_CHECK(x.is_cuda(), "linear_bwd CUDA kernel got a tensor on ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t K = x.size(-1), M = weight.size(0), R = x.numel() / K;
-  const bool gelu_act = preact.has_value();
   at::Tensor g = grad_out.reshape({R, M});
   at::Tensor dh = gelu_act ? at::empty({R, M}, x.options()) : g;
   // Stage 1 row groups: enough blocks to fill the GPU, each summing at least 32 rows.
   const int64_t G = std::max<int64_t>(1, std::min<int64_t>((R + 31) / 32, 512));
   const int64_t rows_per_group = (R + G - 1) / G;
-  at::Tensor partial = at::zeros({has_bias ? G : 0, M}, x.options().dtype(at::kFloat));
-  if (R > 0 && M > 0 && (gelu_act || has_bias)) {
+  at::Tensor partial = at::zeros({needs_db ? G : 0, M}, x.options().dtype(at::kFloat));
+  if (R > 0 && M > 0 && (gelu_act || needs_db)) {
     auto stream = c10::cuda::getCurrentCUDAStream();
     const dim3 block(kColTile, kRowThreads);
     const dim3 grid(static_cast<unsigned>((M + kColTile - 1) / kColTile), static_cast<unsigned>(G));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_bwd_cuda", [&] {
       const scalar_t* gp = g.const_data_ptr<scalar_t>();
-      float* pp = has_bias ? partial.mutable_data_ptr<float>() : nullptr;
+      float* pp = needs_db ? partial.mutable_data_ptr<float>() : nullptr;
       if (gelu_act) {
         linear_bwd_epilogue_kernel<scalar_t, true><<<grid, block, 0, stream>>>(
             gp, preact->const_data_ptr<scalar_t>(), dh.mutable_data_ptr<scalar_t>(), pp, R, M, rows_per_group);
@@ -165,9 +170,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cuda(const at::Tensor&
   }
   // Outputs not asked for are distinct empty (0,) tensors (a custom op's outputs must not alias).
   auto empty = [&] { return at::empty({0}, x.options()); };
-  at::Tensor dx = need_dx ? at::mm(dh, weight).view(x.sizes()) : empty();
-  at::Tensor dweight = need_dweight ? at::mm(dh.t(), x.reshape({R, K})) : empty();
-  at::Tensor dbias = has_bias ? partial.sum(0).to(x.scalar_type()) : empty();  // stage 2
+  at::Tensor dx = needs_dx ? at::mm(dh, weight).view(x.sizes()) : empty();
+  at::Tensor dweight = needs_dw ? at::mm(dh.t(), x.reshape({R, K})) : empty();
+  at::Tensor dbias = needs_db ? partial.sum(0).to(x.scalar_type()) : empty();  // stage 2
   return {dx, dweight, dbias};
 }
 

@@ -8,9 +8,9 @@
 //           tokens[b, 0, :]       = cls_token + pos[0]           (when cls_token; pos[0] only if T = N + 1)
 //           with cls = 1 when there is a class token, pos_off = 1 when pos_embed has T = N + 1 rows.
 // Backward (G = grad of the patch rows, (B*N, D)):
-//           dweight = G^T patches,  dbias = column sums of G,  dimages = scatter(G W) (patches do not
-//           overlap, so the scatter writes each pixel once), dpos = grad summed over the batch (the rows pos
-//           was added to), dcls = grad[:, 0] summed over the batch.
+//           dweight = G^T patches,  dimages = scatter(G W) (patches do not overlap, so the scatter writes
+//           each pixel once). dbias, dpos and dcls are batch sums of grad, taken by the shared Python
+//           backward (vitkernels/ops/patch_embed.py).
 #include <ATen/Parallel.h>
 
 #include <functional>
@@ -44,7 +44,7 @@ void check_patch_embed_fwd(const at::Tensor& images, const at::Tensor& weight, c
 }
 
 void check_patch_embed_bwd(const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight,
-                           int64_t pos_tokens, bool has_cls) {
+                           bool has_cls) {
   check_patch_embed_fwd(images, weight, std::nullopt, std::nullopt, std::nullopt);
   const int64_t B = images.size(0), P = weight.size(2), D = weight.size(0);
   const int64_t N = (images.size(2) / P) * (images.size(3) / P);
@@ -52,8 +52,6 @@ void check_patch_embed_bwd(const at::Tensor& grad_out, const at::Tensor& images,
   VK_CHECK_LIKE(grad_out, images);
   VK_CHECK_SHAPE(grad_out, {B, T_out, D});
   VK_CHECK_CONTIGUOUS(grad_out);
-  VK_CHECK(pos_tokens == 0 || pos_tokens == N || (pos_tokens == N + 1 && has_cls), "pos_tokens must be 0, ", N,
-           has_cls ? " or N + 1" : "", ", got ", pos_tokens);
 }
 
 using PatchGather = std::function<at::Tensor(const at::Tensor& images, int64_t P, at::ScalarType dtype)>;
@@ -61,9 +59,9 @@ using PatchScatter = std::function<at::Tensor(const at::Tensor& dpatches, const 
 
 // The backward of both devices: device-specific gather (images -> (B*N, K) patches in `dtype`) and scatter
 // ((B*N, K) -> (B, C, H, W) gradient), the GEMMs and batch sums through ATen in `compute` dtype / fp32.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_embed_bwd_common(
-    const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight, bool has_bias,
-    int64_t pos_tokens, bool has_cls, bool need_dimages, bool need_dweight, at::ScalarType compute,
+std::tuple<at::Tensor, at::Tensor> patch_embed_bwd_common(
+    const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight, bool has_cls,
+    bool needs_dimages, bool needs_dw, at::ScalarType compute,
     const PatchGather& gather, const PatchScatter& scatter) {
   const int64_t B = images.size(0), D = weight.size(0), P = weight.size(2);
   const int64_t N = (images.size(2) / P) * (images.size(3) / P);
@@ -72,23 +70,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_emb
   at::Tensor g_rows = g_patch.reshape({B * N, D}).to(compute);  // (B*N, D)
   // Outputs not asked for are distinct empty (0,) tensors (a custom op's outputs must not alias).
   auto empty = [&] { return at::empty({0}, images.options()); };
-  at::Tensor dweight = empty(), dimages = empty(), dbias = empty(), dpos = empty(), dcls = empty();
-  if (need_dweight) {
+  at::Tensor dweight = empty(), dimages = empty();
+  if (needs_dw) {
     at::Tensor patches = gather(images, P, compute);  // (B*N, K), recomputed rather than saved
     dweight = at::mm(g_rows.t(), patches).to(dtype).view(weight.sizes());
   }
-  if (need_dimages) {
+  if (needs_dimages) {
     at::Tensor dpatches = at::mm(g_rows, weight.view({D, -1}).to(compute));  // (B*N, K)
     dimages = scatter(dpatches, images, P);
   }
-  if (has_bias) dbias = g_rows.sum(0, false, at::kFloat).to(dtype);
-  if (has_cls) dcls = grad_out.select(1, 0).sum(0, false, at::kFloat).to(dtype).view({1, 1, D});
-  if (pos_tokens == grad_out.size(1)) {
-    dpos = grad_out.sum(0, true, at::kFloat).to(dtype);  // (1, T_out, D)
-  } else if (pos_tokens > 0) {
-    dpos = g_patch.sum(0, true, at::kFloat).to(dtype);  // (1, N, D): no_embed_class, the cls row gets none
-  }
-  return {dimages, dweight, dbias, dpos, dcls};
+  return {dimages, dweight};
 }
 
 namespace {
@@ -179,26 +170,25 @@ at::Tensor patch_embed_fwd_cpu(const at::Tensor& images, const at::Tensor& weigh
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_embed_bwd_cpu(
-    const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight, bool has_bias,
-    int64_t pos_tokens, bool has_cls, bool need_dimages, bool need_dweight) {
-  check_patch_embed_bwd(grad_out, images, weight, pos_tokens, has_cls);
+std::tuple<at::Tensor, at::Tensor> patch_embed_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight, bool has_cls,
+    bool needs_dimages, bool needs_dw) {
+  check_patch_embed_bwd(grad_out, images, weight, has_cls);
   VK_CHECK(images.is_cpu(), "patch_embed_bwd CPU kernel got a tensor on ", images.device());
-  return patch_embed_bwd_common(grad_out, images, weight, has_bias, pos_tokens, has_cls, need_dimages,
-                                need_dweight, at::kFloat, gather_patches_cpu, scatter_patches_cpu);
+  return patch_embed_bwd_common(grad_out, images, weight, has_cls, needs_dimages, needs_dw, at::kFloat, gather_patches_cpu, scatter_patches_cpu);
 }
 
 }  // namespace
 }  // namespace vitkernels
 
 TORCH_LIBRARY_FRAGMENT(vitkernels_C, m) {
-  // tokens (B, [1+]N, D) in the images' dtype.
+  // The contract of vitkernels/ops/patch_embed.py (checked when the cuda backend loads). The backward returns
+  // the two GEMM gradients, each empty (0,) unless asked for; bias, pos_embed and cls_token gradients are
+  // batch sums of grad_out, taken by the shared autograd code.
   m.def("patch_embed_fwd(Tensor images, Tensor weight, Tensor? bias, Tensor? pos_embed, Tensor? cls_token) "
         "-> Tensor");
-  // pos_tokens: rows of pos_embed (0 when None, N, or N + 1). Returns (dimages, dweight, dbias, dpos, dcls),
-  // each empty (0,) when not asked for / absent.
-  m.def("patch_embed_bwd(Tensor grad_out, Tensor images, Tensor weight, bool has_bias, int pos_tokens, "
-        "bool has_cls, bool need_dimages, bool need_dweight) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("patch_embed_bwd(Tensor grad_out, Tensor images, Tensor weight, bool has_cls, bool needs_dimages, "
+        "bool needs_dw) -> (Tensor dimages, Tensor dw)");
 }
 
 TORCH_LIBRARY_IMPL(vitkernels_C, CPU, m) {

@@ -9,7 +9,7 @@
 // small next to the rest of a ViT step, and it lets cuBLAS pick its best GEMM kernel.
 // Backward (patch_embed_bwd_common in patch_embed.cpp): G^T gather(images) for dweight (the buffer is
 // gathered again rather than saved), scatter(G W) for dimages only when asked for, ATen batch sums for
-// dbias / dpos / dcls.
+// nothing else (dbias / dpos / dcls are batch sums taken by vitkernels/ops/patch_embed.py).
 // c10 CUDA headers only: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers that a bare CUDA
 // toolkit may lack (the GEMMs go through at::mm, which needs none).
 #include <ATen/ATen.h>
@@ -27,12 +27,12 @@ namespace vitkernels {
 void check_patch_embed_fwd(const at::Tensor& images, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& pos_embed, const std::optional<at::Tensor>& cls_token);
 void check_patch_embed_bwd(const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight,
-                           int64_t pos_tokens, bool has_cls);
+                           bool has_cls);
 using PatchGather = std::function<at::Tensor(const at::Tensor& images, int64_t P, at::ScalarType dtype)>;
 using PatchScatter = std::function<at::Tensor(const at::Tensor& dpatches, const at::Tensor& images, int64_t P)>;
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_embed_bwd_common(
-    const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight, bool has_bias,
-    int64_t pos_tokens, bool has_cls, bool need_dimages, bool need_dweight, at::ScalarType compute,
+std::tuple<at::Tensor, at::Tensor> patch_embed_bwd_common(
+    const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight, bool has_cls,
+    bool needs_dimages, bool needs_dw, at::ScalarType compute,
     const PatchGather& gather, const PatchScatter& scatter);
 
 namespace {
@@ -160,14 +160,13 @@ at::Tensor patch_embed_fwd_cuda(const at::Tensor& images, const at::Tensor& weig
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_embed_bwd_cuda(
-    const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight, bool has_bias,
-    int64_t pos_tokens, bool has_cls, bool need_dimages, bool need_dweight) {
-  check_patch_embed_bwd(grad_out, images, weight, pos_tokens, has_cls);
+std::tuple<at::Tensor, at::Tensor> patch_embed_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight, bool has_cls,
+    bool needs_dimages, bool needs_dw) {
+  check_patch_embed_bwd(grad_out, images, weight, has_cls);
   VK_CHECK(images.is_cuda(), "patch_embed_bwd CUDA kernel got a tensor on ", images.device());
   const c10::cuda::CUDAGuard guard(images.device());
-  return patch_embed_bwd_common(grad_out, images, weight, has_bias, pos_tokens, has_cls, need_dimages,
-                                need_dweight, images.scalar_type(), gather_patches_cuda, scatter_patches_cuda);
+  return patch_embed_bwd_common(grad_out, images, weight, has_cls, needs_dimages, needs_dw, images.scalar_type(), gather_patches_cuda, scatter_patches_cuda);
 }
 
 }  // namespace

@@ -151,16 +151,6 @@ def _ns(backend):
 
 
 @pytest.mark.parametrize("backend", backend_params("triton", "cuda", op="attention"))
-def test_attention_opcheck(backend):
-    ns = _ns(backend)
-    _, q, k, v = _qkv(2, 2, 19, 32, torch.float32)
-    torch.library.opcheck(ns.attention_fwd.default, (q, k, v, 0.2))
-    o, lse = ns.attention_fwd(q.detach(), k.detach(), v.detach(), 0.2)
-    grad_out = torch.randn_like(o)
-    torch.library.opcheck(ns.attention_bwd.default, (grad_out, q.detach(), k.detach(), v.detach(), o, lse, 0.2))
-
-
-@pytest.mark.parametrize("backend", backend_params("triton", "cuda", op="attention"))
 def test_attention_lse(backend):
     """The saved statistic is the natural-log log-sum-exp of each row of the scaled scores."""
     _, q, k, v = _qkv(1, 2, 41, 32, torch.float32, requires_grad=False)

@@ -37,6 +37,7 @@ def test_unknown_backend_name():
 
 
 def test_explicit_unavailable_backend_lists_all_reasons(monkeypatch):
+    monkeypatch.setattr(backends, "_RESOLVED", {})  # resolve afresh, and restore the cache afterwards
     monkeypatch.setitem(backends._PROBED, "cuda", (None, "the compiled extension is missing (test)"))
     monkeypatch.setitem(backends._PROBED, "triton", (None, "triton is not importable (test)"))
     with pytest.raises(BackendError) as err:
@@ -53,6 +54,7 @@ def test_triton_refuses_cpu_without_interpreter(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     monkeypatch.setattr(backends, "_PROBED", {})  # probe afresh, and restore the cache afterwards
+    monkeypatch.setattr(backends, "_RESOLVED", {})
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     why = backends.why_not("triton", "cpu")
     assert why is not None and "TRITON_INTERPRET=1" in why

@@ -155,22 +155,6 @@ def _triton_or_skip():
     import vitkernels.triton.linear  # noqa: F401  (registers the ops)
 
 
-def test_linear_opcheck():
-    _triton_or_skip()
-    x, w, b, r = _inputs((2, 5), 40, 24, torch.float32, residual=True)
-    x2d, r2d = x.reshape(-1, 40), r.reshape(-1, 24)
-    fwd = torch.ops.vitkernels_triton.linear_fwd.default
-    bwd = torch.ops.vitkernels_triton.linear_bwd.default
-    leaf = lambda t: t.clone().requires_grad_()  # noqa: E731
-    torch.library.opcheck(fwd, [leaf(x2d), leaf(w), leaf(b), leaf(r2d), "gelu", True])
-    # None bias/residual through the schema and the fake implementation (the aot test above is the slow one).
-    torch.library.opcheck(fwd, [leaf(x2d), leaf(w), None, None, "none", False],
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    y, z = fwd(x2d, w, b, r2d, "gelu", True)
-    dy = torch.randn_like(y)
-    torch.library.opcheck(bwd, [dy, x2d, w, z, "gelu", True, True, True])
-
-
 def test_linear_compile_fullgraph():
     """torch.compile(fullgraph=True) traces the op (no graph break) and matches eager, forward and backward."""
     _triton_or_skip()

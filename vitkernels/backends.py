@@ -11,10 +11,15 @@ Four names, one vocabulary everywhere (``backend=`` on every op and on the model
   ``torch`` (the interpreter and the C++ twin exist for testing, not for speed).
 
 Each backend (``vitkernels.triton``, ``vitkernels.cuda``, ``vitkernels.ops.reference``) is a module with
-``why_unavailable() -> str | None``, ``why_not_device(device) -> str | None`` and ``get_op(name)``, which
-returns the op as a function taking the public op's arguments positionally (minus ``backend=``) or None. A backend that lacks an op, or that cannot
-handle a device, says so; asking for it explicitly raises one error listing every reason (as xformers' fmha
-dispatcher does), ``auto`` skips it.
+``why_unavailable() -> str | None``, ``why_not_device(device) -> str | None``, ``get_op(name)``, which
+returns the op as a function taking the public op's arguments positionally (minus ``backend=``) or None, and
+``kernel_limits(op)``: the op's ``why_not_supported(device, dtype, *key) -> str | None``, whether its kernels
+support these inputs (width, head dim, dtype, grid limits; ``key`` is the op's few input features that such
+limits depend on, see ``vitkernels/ops/<op>.py``), or None. A backend that lacks an op, or cannot handle a device or the inputs, says so;
+asking for it explicitly raises one error listing every backend's reason (as xformers' fmha dispatcher does),
+``auto`` skips it and records why (``last_fallbacks()``).
+
+Resolution is cached per (op, backend, device type, dtype, key): a call after the first is one dict lookup.
 
 ``VITKERNELS_BACKEND`` sets the default used when ``backend=None``.
 """
@@ -30,7 +35,8 @@ import torch
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
 CONCRETE = ("triton", "cuda", "torch")
-_OPS = ("patch_embed", "layer_norm", "attention", "linear")
+# The ops every backend may implement: the one list the package and the tests use.
+OPS = ("patch_embed", "layer_norm", "attention", "linear")
 # Preference order of ``auto`` for CUDA tensors.
 _AUTO_ORDER_CUDA = ("triton", "cuda", "torch")
 
@@ -106,7 +112,7 @@ def prepare(backend: str | None) -> None:
         name = next((b for b in _AUTO_ORDER_CUDA if why_not(b) is None), "torch")
     module, _ = _probe(name)
     if module is not None:
-        for op in _OPS:
+        for op in OPS:
             module.get_op(op)
 
 
@@ -118,32 +124,70 @@ def get_impl(name: str) -> ModuleType:
     return module
 
 
-def resolve(op: str, backend: str | None, device: torch.device) -> tuple[str, Callable]:
-    """Pick the backend that runs ``op`` on tensors of ``device``.
+# (op, backend as asked, device type, dtype, key) -> (backend name, function). Filled by the slow path.
+_RESOLVED: dict[tuple, tuple[str, Callable]] = {}
+# op -> {backend: why auto passed it over} for the last resolution of each op that fell back.
+_FALLBACKS: dict[str, dict[str, str]] = {}
 
-    Returns (name, the backend's function for ``op``). ``auto`` falls back to ``torch``; an explicit name that cannot run raises
-    BackendError listing the reason for every backend.
+
+def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dtype | None = None,
+            key: tuple = ()) -> tuple[str, Callable]:
+    """Pick the backend that runs ``op`` on these inputs: tensors of ``device`` and ``dtype`` with the op's
+    limit-relevant features ``key``.
+
+    Returns (name, the backend's function for ``op``). ``auto`` takes the first backend in its order that
+    supports the inputs (falling back to ``torch``, which supports everything); an explicit name that cannot
+    run them raises BackendError listing the reason for every backend. Cached: see the module docstring.
     """
-    name = default_backend() if backend is None else check_name(backend)
+    name = default_backend() if backend is None else backend
+    hit = _RESOLVED.get((op, name, device.type, dtype, key))
+    if hit is not None:
+        return hit
+    picked = _resolve(op, check_name(name), device, dtype, key)
+    _RESOLVED[(op, name, device.type, dtype, key)] = picked
+    return picked
+
+
+def _resolve(op: str, name: str, device: torch.device, dtype: torch.dtype | None, key: tuple):
     if name == "auto":
-        order = _AUTO_ORDER_CUDA if device.type == "cuda" else ("torch",)
-        for candidate in order:
-            if _reason(candidate, op, device) is None:
+        skipped = {}
+        for candidate in (_AUTO_ORDER_CUDA if device.type == "cuda" else ("torch",)):
+            why = _reason(candidate, op, device, dtype, key)
+            if why is None:
+                if skipped:
+                    _FALLBACKS[op] = skipped
                 return candidate, get_impl(candidate).get_op(op)
+            skipped[candidate] = why
         return "torch", get_impl("torch").get_op(op)
-    why = _reason(name, op, device)
+    why = _reason(name, op, device, dtype, key)
     if why is not None:
-        reasons = "; ".join(f"{b}: {_reason(b, op, device) or 'ok'}" for b in CONCRETE)
+        reasons = "; ".join(f"{b}: {_reason(b, op, device, dtype, key) or 'ok'}" for b in CONCRETE)
         raise BackendError(
             f"backend {name!r} cannot run {op} on {device.type} tensors ({why}). All backends: {reasons}"
         )
     return name, get_impl(name).get_op(op)
 
 
-def _reason(name: str, op: str, device: torch.device) -> str | None:
+def _reason(name: str, op: str, device: torch.device, dtype: torch.dtype | None = None, key: tuple = ()
+            ) -> str | None:
     why = why_not(name, device)
     if why is not None:
         return why
-    if get_impl(name).get_op(op) is None:
+    impl = get_impl(name)
+    if impl.get_op(op) is None:
         return f"{name} backend has no {op} op"
-    return None
+    check = impl.kernel_limits(op) if dtype is not None else None
+    # A plain call (no import): torch.compile traces this when a new input shape resolves.
+    return None if check is None else check(device, dtype, *key)
+
+
+def last_fallbacks() -> dict[str, dict[str, str]]:
+    """For each op that ``auto`` resolved past a backend: {backend: why it was passed over} (latest)."""
+    return {op: dict(why) for op, why in _FALLBACKS.items()}
+
+
+def clear_cache() -> None:
+    """Forget probed backends and cached resolutions (after changing TRITON_INTERPRET, say)."""
+    _PROBED.clear()
+    _RESOLVED.clear()
+    _FALLBACKS.clear()

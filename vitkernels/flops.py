@@ -19,14 +19,13 @@ FLOPs, as in MFU). With gradient checkpointing the blocks' forward runs twice, s
 blocks are 4x; ``count(..., training=True)`` returns hardware FLOPs (recompute included) and ``model_flops``
 the 3x figure that MFU uses.
 
-``register_flop_formulas()`` teaches ``torch.utils.flop_counter.FlopCounterMode`` the custom ops of the
-triton (``torch.ops.vitkernels_triton``) and cuda (``torch.ops.vitkernels_C``) backends, so the counter sees
+Each op's contract (``vitkernels/ops/<op>.py``) teaches ``torch.utils.flop_counter.FlopCounterMode`` the custom
+ops of the triton (``torch.ops.vitkernels_triton``) and cuda (``torch.ops.vitkernels_C``) backends, so the counter sees
 the same FLOPs whichever backend runs.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 PARTS = ("patch_embed", "qkv", "attn_scores", "attn_values", "proj", "mlp", "head")
@@ -153,7 +152,6 @@ def count(model, image_size=None, batch_size: int = 1, training: bool = False, r
         recompute: count the blocks' recomputed forward of gradient checkpointing; None reads
             ``model.grad_checkpointing``. Only matters when ``training``.
     """
-    register_flop_formulas()
     shape = shape_of(model, image_size)
     fwd = forward_by_part(shape)
     if recompute is None:
@@ -169,104 +167,25 @@ def count(model, image_size=None, batch_size: int = 1, training: bool = False, r
 
 
 # -- FlopCounterMode formulas for the custom ops ---------------------------------------------------------------
-def _prod(xs) -> int:
-    return math.prod(int(x) for x in xs)
-
-
-def _linear_fwd_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-    """x (..., K) @ W (M, K)^T."""
-    return 2 * _prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
-
-
-def _linear_bwd_flops(grad_out_shape, x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-    """dx = dy W and dW = dy^T x: one product of the forward's size each (FlopCounterMode's mm backward).
-
-    The triton op takes (grad_out, x, weight, z, activation, needs_dx, needs_dw, needs_db): when such
-    flags are passed (as the first two bools after weight, or as keywords), a gradient not asked for is not
-    counted.
-    """
-    flags = [a for a in args if isinstance(a, bool)]
-    needs_dx = kwargs.get("needs_dx", flags[0] if len(flags) >= 2 else True)
-    needs_dw = kwargs.get("needs_dw", flags[1] if len(flags) >= 2 else True)
-    return (int(bool(needs_dx)) + int(bool(needs_dw))) * _linear_fwd_flops(x_shape, w_shape)
-
-
-def _attention_fwd_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
-    """q (..., N, D), k (..., M, D), v (..., M, Dv): q k^T and p v."""
-    batch = _prod(q_shape[:-2])
-    N, D = q_shape[-2], q_shape[-1]
-    M, Dv = k_shape[-2], v_shape[-1]
-    return 2 * batch * N * M * (D + Dv)
-
-
-def _attention_bwd_flops(grad_out_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
-    """dv = p^T do, dp = do v^T, dq = ds k, dk = ds^T q: 2x the forward, as FlopCounterMode counts SDPA's
-    backward (a kernel that recomputes p does more arithmetic; that is not model FLOPs)."""
-    return 2 * _attention_fwd_flops(q_shape, k_shape, v_shape)
-
-
-def _patch_embed_fwd_flops(images_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-    """images (B, Ci, H, W) conv weight (C, Ci, P, P) with stride P."""
-    B, _, H, W = images_shape
-    C, Ci, P, _ = w_shape
-    return 2 * B * (H // P) * (W // P) * C * Ci * P * P
-
-
-def _patch_embed_bwd_flops(grad_out_shape, images_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-    """The weight gradient only (images never need a gradient in a ViT), as FlopCounterMode counts a conv
-    backward with output_mask (False, True, ...)."""
-    return _patch_embed_fwd_flops(images_shape, w_shape)
-
-
-_FORMULAS = {
-    "linear_fwd": _linear_fwd_flops,
-    "linear_bwd": _linear_bwd_flops,
-    "attention_fwd": _attention_fwd_flops,
-    "attention_bwd": _attention_bwd_flops,
-    "patch_embed_fwd": _patch_embed_fwd_flops,
-    "patch_embed_bwd": _patch_embed_bwd_flops,
-}
-_NAMESPACES = {"vitkernels_triton": "vitkernels.triton", "vitkernels_C": "vitkernels.cuda"}
-_REGISTERED: set[str] = set()
-
-
 def register_flop_formulas(import_backends: bool = False) -> list[str]:
-    """Register FlopCounterMode formulas for every custom op of the triton and cuda backends that exists.
+    """The qualified names of the custom ops whose FLOP formulas FlopCounterMode knows.
 
-    Ops exist once their backend file is imported (``torch.library.custom_op`` runs at import) or the
-    extension is loaded; ops that do not exist (yet) and ops already registered are skipped, so this is
-    cheap and safe to call repeatedly (``count`` calls it). With ``import_backends``, the op files of each
-    backend usable here are imported first (for the cuda backend that may JIT-build the extension: minutes).
-    Returns the qualified names registered so far.
+    Each op's formulas are written once, in its contract (``vitkernels/ops/<op>.py``), and registered for a
+    backend's ops when that backend's op file binds to the contract (on first use of the backend). With
+    ``import_backends``, the op files of every backend usable here are imported first (for the cuda backend
+    that may JIT-build the extension: minutes).
     """
-    import importlib
+    from importlib import import_module
 
-    import torch
-    from torch.utils.flop_counter import register_flop_formula
+    from vitkernels.backends import CONCRETE, OPS, get_impl, why_not
 
-    from vitkernels.backends import why_not
-
-    for ns, package in _NAMESPACES.items():
-        if import_backends and why_not(package.rsplit(".", 1)[1]) is None:
-            backend = importlib.import_module(package)
-            for op_file in ("linear", "attention", "patch_embed"):
-                backend.get_op(op_file)
-        namespace = getattr(torch.ops, ns)
-        for name, formula in _FORMULAS.items():
-            qualname = f"{ns}::{name}"
-            if qualname in _REGISTERED:
-                continue
-            try:
-                packet = getattr(namespace, name)
-            except (AttributeError, RuntimeError):
-                continue
-            try:
-                register_flop_formula(packet)(formula)
-            except RuntimeError as exc:  # registered by an earlier import of this module
-                if "duplicate" not in str(exc).lower():
-                    raise
-            _REGISTERED.add(qualname)
-    return sorted(_REGISTERED)
+    if import_backends:
+        for name in CONCRETE:
+            if name != "torch" and why_not(name) is None:
+                for op in OPS:
+                    get_impl(name).get_op(op)
+    return sorted(f"{ns}::{op}_{which}" for op in OPS for ns in import_module(f"vitkernels.ops.{op}").CONTRACT.namespaces
+                  for which in ("fwd", "bwd"))
 
 
 # -- peak throughput and MFU -----------------------------------------------------------------------------------

@@ -11,9 +11,9 @@ import os
 
 import torch
 
+from vitkernels.backends import OPS
 from vitkernels.cuda import build
 
-OPS = ("patch_embed", "layer_norm", "attention", "linear")
 
 
 def why_unavailable() -> str | None:
@@ -89,7 +89,14 @@ def get_op(name: str):
             return None
         raise
     _LOADED[name] = getattr(module, name)
+    _CHECKS[name] = getattr(module, "why_not_supported", None)
     return _LOADED[name]
 
 
 _LOADED: dict = {}  # op name -> function, once its file imported (and the extension loaded)
+_CHECKS: dict = {}  # op name -> its file's why_not_supported(device, dtype, *key)
+
+
+def kernel_limits(op: str):
+    """The op file's ``why_not_supported(device, dtype, *key)`` (its kernels' limits), once imported."""
+    return _CHECKS.get(op)

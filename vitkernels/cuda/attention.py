@@ -19,7 +19,8 @@ columns; 64 and 80 are the ViT cases), any D on the CPU twin; B * H <= 65535 on 
 
 The extension is loaded (JIT-built from csrc/ when not prebuilt) when this module is imported, which the
 ``cuda`` backend does on first use of the op; the fake implementations and the autograd formula are
-registered then, so ``torch.compile(fullgraph=True)`` sees one opaque op each way.
+registered then (from the contract in ``vitkernels/ops/attention.py``), so ``torch.compile(fullgraph=True)``
+sees one opaque op each way.
 """
 
 from __future__ import annotations
@@ -27,65 +28,29 @@ from __future__ import annotations
 import torch
 
 from vitkernels.cuda.build import load_extension
+from vitkernels.ops.attention import CONTRACT
 
 load_extension()  # registers torch.ops.vitkernels_C.* with the dispatcher
 
-
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when its last dim has stride 1, else one contiguous copy (the kernels need unit stride)."""
-    return t if t.stride(-1) == 1 else t.clone(memory_format=torch.contiguous_format)
+MAX_HEAD_DIM = 128  # tiles of 32, 64, 80, 96 or 128 columns
+MAX_GRID_Y = 65535  # B * H on grid axis 1
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Fake implementations: shapes, dtypes and strides exactly as the C++/CUDA code allocates them.
+def why_not_supported(device: torch.device, dtype: torch.dtype, D: int, BH: int) -> str | None:
+    """The kernels' limits (None when these inputs run here): the CPU twin runs any head dim."""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"cuda attention runs fp32/fp16/bf16, got {dtype}"
+    if device.type == "cuda" and D > MAX_HEAD_DIM:
+        return f"cuda attention supports head dims up to {MAX_HEAD_DIM} on CUDA, got {D}"
+    if device.type == "cuda" and BH > MAX_GRID_Y:
+        return f"cuda attention launches B * H = {BH} blocks on grid axis 1, at most {MAX_GRID_Y}"
+    return None
 
 
-@torch.library.register_fake("vitkernels_C::attention_fwd")
-def _attention_fwd_fake(q, k, v, scale):
-    B, H, N, D = q.shape
-    out = q.new_empty((B, N, H, D)).transpose(1, 2)  # (B, H, N, D) view of (B, N, H, D)
-    lse = q.new_empty((B, H, N), dtype=torch.float32)
-    return out, lse
+def last_dim_contiguous(*args):
+    """The kernels need a unit stride along D only: other strides (views of a fused qkv) stay as they are."""
+    return tuple(a.contiguous() if isinstance(a, torch.Tensor) and a.dim() and a.stride(-1) != 1 else a
+                 for a in args)
 
 
-@torch.library.register_fake("vitkernels_C::attention_bwd")
-def _attention_bwd_fake(grad_out, q, k, v, out, lse, scale):
-    B, H, N, D = q.shape
-    M = k.shape[2]
-    dq = q.new_empty((B, N, H, D)).transpose(1, 2)
-    dk = q.new_empty((B, M, H, D)).transpose(1, 2)
-    dv = q.new_empty((B, M, H, D)).transpose(1, 2)
-    return dq, dk, dv
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Autograd: the forward saves q, k, v, out and the fp32 lse (never the N x M probabilities).
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, scale = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.scale = scale
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.vitkernels_C.attention_bwd(
-        _last_dim_contiguous(grad_out), q, k, v, out, lse, ctx.scale
-    )
-    return dq, dk, dv, None
-
-
-torch.library.register_autograd("vitkernels_C::attention_fwd", _backward, setup_context=_setup_context)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale) v: q (B, H, N, D), k/v (B, H, M, D) -> (B, H, N, D), a view of (B, N, H, D).
-
-    Inputs are validated by ``vitkernels.ops.attention``; the C++ code checks them again before any launch.
-    """
-    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-    out, _ = torch.ops.vitkernels_C.attention_fwd(q, k, v, float(scale))
-    return out
+attention = CONTRACT.register("vitkernels_C", prepare=last_dim_contiguous)

@@ -8,9 +8,8 @@ import importlib
 
 import torch
 
-from vitkernels.backends import triton_interpreter
+from vitkernels.backends import OPS, triton_interpreter
 
-OPS = ("patch_embed", "layer_norm", "attention", "linear")
 
 
 def why_unavailable() -> str | None:
@@ -32,6 +31,7 @@ def why_not_device(device: torch.device) -> str | None:
 # op name -> function (or None when its file does not exist). Filled once, when vitkernels.backends probes
 # this backend, so that a traced region (torch.compile) only ever does a dict lookup, never an import.
 _OPS: dict = {}
+_CHECKS: dict = {}  # op name -> its file's why_not_supported(device, dtype, *key)
 
 
 def get_op(name: str):
@@ -40,9 +40,16 @@ def get_op(name: str):
         if name not in OPS:
             return None
         try:
-            _OPS[name] = getattr(importlib.import_module(f"{__name__}.{name}"), name)
+            module = importlib.import_module(f"{__name__}.{name}")
+            _OPS[name] = getattr(module, name)
+            _CHECKS[name] = getattr(module, "why_not_supported", None)
         except ModuleNotFoundError as exc:
             if exc.name != f"{__name__}.{name}":
                 raise
             _OPS[name] = None
     return _OPS[name]
+
+
+def kernel_limits(op: str):
+    """The op file's ``why_not_supported(device, dtype, *key)`` (its kernels' limits), once imported."""
+    return _CHECKS.get(op)

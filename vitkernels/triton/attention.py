@@ -42,8 +42,9 @@ import triton
 import triton.language as tl
 
 from vitkernels.backends import triton_interpreter
+from vitkernels.ops.attention import CONTRACT, empty_bnhd
 
-__all__ = ["attention", "attention_fwd", "attention_bwd", "attention_ref"]
+__all__ = ["attention", "attention_fwd", "attention_bwd"]
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
 LN2 = 0.6931471805599453  # ln(2): log(x) = log2(x) * ln(2)
@@ -385,11 +386,6 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _empty_bnhd(like: torch.Tensor, B: int, H: int, N: int, D: int) -> torch.Tensor:
-    """A (B, H, N, D) tensor stored as (B, N, H, D) contiguous: its transpose(1, 2) is a free reshape."""
-    return like.new_empty((B, N, H, D)).transpose(1, 2)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Launchers (no autograd; tests and benchmarks call them directly)
 # ----------------------------------------------------------------------------------------------------------
@@ -398,7 +394,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     B, H, N, D = q.shape
     M = k.shape[2]
     BLOCK_D = _block_d(D)
-    o = _empty_bnhd(q, B, H, N, D)
+    o = empty_bnhd(q, B, H, N, D)
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     if o.numel() == 0 or M == 0:
         return o, lse
@@ -423,9 +419,9 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     M = k.shape[2]
     BLOCK_D = _block_d(D)
     grad_out = grad_out.to(q.dtype)
-    dq = _empty_bnhd(q, B, H, N, D)
-    dk = _empty_bnhd(k, B, H, M, D)
-    dv = _empty_bnhd(v, B, H, M, D)
+    dq = empty_bnhd(q, B, H, N, D)
+    dk = empty_bnhd(k, B, H, M, D)
+    dv = empty_bnhd(v, B, H, M, D)
     if q.numel() == 0 or M == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     lse = lse.contiguous()
@@ -454,62 +450,22 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     return dq, dk, dv
 
 
-def attention_ref(q, k, v, scale, upcast: bool = True):
-    """Plain PyTorch reference: softmax(q k^T * scale) v, in fp32 (``upcast``) or the input dtype."""
-    dtype = q.dtype
-    if upcast:
-        q, k, v = q.float(), k.float(), v.float()
-    p = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
-    return (p @ v).to(dtype)
-
-
 # ----------------------------------------------------------------------------------------------------------
-# torch.library registration + autograd
+# Registration: the ops of vitkernels/ops/attention.py's contract, on these launchers
 # ----------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("vitkernels_triton::attention_fwd", mutates_args=())
-def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return attention_fwd(q, k, v, scale)
+# CUDA limits grid axis 1 (where the launchers put B * H) to 65,535 blocks; axis 0 takes 2^31 - 1.
+MAX_GRID_Y = 65535
 
 
-@_attention_fwd_op.register_fake
-def _(q, k, v, scale):
-    B, H, N, D = q.shape
-    return _empty_bnhd(q, B, H, N, D), q.new_empty((B, H, N), dtype=torch.float32)
+def why_not_supported(device: torch.device, dtype: torch.dtype, D: int, BH: int) -> str | None:
+    """The kernels' limits (None when these inputs run here)."""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"triton attention runs fp32/fp16/bf16 (tl.dot), got {dtype}"
+    if D > MAX_HEAD_DIM:
+        return f"triton attention supports head dims up to {MAX_HEAD_DIM}, got {D}"
+    if device.type == "cuda" and BH > MAX_GRID_Y:
+        return f"triton attention launches B * H = {BH} programs on grid axis 1, at most {MAX_GRID_Y} on CUDA"
+    return None
 
 
-@torch.library.custom_op("vitkernels_triton::attention_bwd", mutates_args=())
-def _attention_bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                      lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention_bwd(grad_out, q, k, v, o, lse, scale)
-
-
-@_attention_bwd_op.register_fake
-def _(grad_out, q, k, v, o, lse, scale):
-    B, H, N, D = q.shape
-    M = k.shape[2]
-    return _empty_bnhd(q, B, H, N, D), _empty_bnhd(k, B, H, M, D), _empty_bnhd(v, B, H, M, D)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, scale = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)  # only the (B, H, N) fp32 lse beyond the inputs and output
-    ctx.scale = scale
-
-
-def _backward(ctx, grad_o, grad_lse):
-    # lse is an internal statistic (the public `attention` returns only o); its gradient is ignored.
-    q, k, v, o, lse = ctx.saved_tensors
-    if grad_o is None:
-        return None, None, None, None
-    dq, dk, dv = _attention_bwd_op(grad_o, q, k, v, o, lse, ctx.scale)
-    return dq, dk, dv, None
-
-
-torch.library.register_autograd("vitkernels_triton::attention_fwd", _backward, setup_context=_setup_context)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """The ``triton`` backend of ``vitkernels.ops.attention``: (B, H, N, D), a view of a (B, N, H, D) buffer."""
-    return _attention_fwd_op(q, k, v, float(scale))[0]
+attention = CONTRACT.register("vitkernels_triton", fwd=attention_fwd, bwd=attention_bwd)

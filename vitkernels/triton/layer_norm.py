@@ -26,26 +26,14 @@ import triton
 import triton.language as tl
 
 from vitkernels.backends import triton_interpreter
+from vitkernels.ops.layer_norm import CONTRACT
 
-__all__ = ["layer_norm", "layer_norm_fwd", "layer_norm_bwd", "layer_norm_ref"]
+__all__ = ["layer_norm", "layer_norm_fwd", "layer_norm_bwd", "why_not_supported"]
 
 # One row lives in registers; past this the kernel would spill (and nothing in a ViT is wider).
 MAX_C = 16384
 
 _INTERPRET = triton_interpreter()
-
-
-def layer_norm_ref(x, weight, bias, eps, residual=None, upcast=False):
-    """Pure PyTorch LayerNorm(+residual), the semantics of this file (``upcast`` computes in fp32)."""
-    dtype = x.dtype
-    if upcast:
-        x = x.float()
-        residual = residual.float() if residual is not None else None
-        weight = weight.float() if weight is not None else None
-        bias = bias.float() if bias is not None else None
-    s = x if residual is None else x + residual
-    y = torch.nn.functional.layer_norm(s, s.shape[-1:], weight, bias, eps)
-    return y.to(dtype) if residual is None else (y.to(dtype), s.to(dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -334,73 +322,17 @@ def _finish(partial, n_rows, C, s):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# torch.library registration: opaque custom ops with fake implementations, autograd wired on top
+# Registration: the ops of vitkernels/ops/layer_norm.py's contract, on these launchers
 # ----------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("vitkernels_triton::layer_norm_fwd", mutates_args=())
-def _layer_norm_fwd_op(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-    residual: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layer_norm_fwd(x, weight, bias, eps, residual)
+def why_not_supported(device: torch.device, dtype: torch.dtype, C: int) -> str | None:
+    """The kernels' limits (None when these inputs run here)."""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"triton layer_norm runs fp32/fp16/bf16, got {dtype}"
+    if C > MAX_C:
+        return f"triton layer_norm holds a row in registers: widths up to {MAX_C}, got {C}"
+    return None
 
 
-@_layer_norm_fwd_op.register_fake
-def _(x, weight, bias, eps, residual):
-    n_rows = x.numel() // x.shape[-1]
-    s = x.new_empty(x.shape) if residual is not None else x.new_empty((0,))
-    stats = x.new_empty((n_rows,), dtype=torch.float32)
-    return x.new_empty(x.shape), s, stats, stats.new_empty((n_rows,))
-
-
-@torch.library.custom_op("vitkernels_triton::layer_norm_bwd", mutates_args=())
-def _layer_norm_bwd_op(
-    grad_y: torch.Tensor, grad_s: torch.Tensor | None, s: torch.Tensor, weight: torch.Tensor | None,
-    mean: torch.Tensor, rstd: torch.Tensor, compute_dw: bool, compute_db: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layer_norm_bwd(grad_y, grad_s, s, weight, mean, rstd, compute_dw, compute_db)
-
-
-@_layer_norm_bwd_op.register_fake
-def _(grad_y, grad_s, s, weight, mean, rstd, compute_dw, compute_db):
-    C = s.shape[-1]
-    return (
-        s.new_empty(s.shape),
-        s.new_empty((C,) if compute_dw else (0,)),
-        s.new_empty((C,) if compute_db else (0,)),
-    )
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, eps, residual = inputs
-    _, s, mean, rstd = output
-    # Saved: the normalized input (s, or x without residual), weight, and the fp32 statistics. Never y.
-    ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
-    ctx.has_residual = residual is not None
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad_y, grad_s, grad_mean, grad_rstd):
-    s, weight, mean, rstd = ctx.saved_tensors
-    needs = ctx.needs_input_grad  # (x, weight, bias, eps, residual)
-    compute_dw = weight is not None and needs[1]
-    compute_db = ctx.has_bias and needs[2]
-    grad_s = grad_s if ctx.has_residual else None
-    dx, dw, db = _layer_norm_bwd_op(grad_y, grad_s, s, weight, mean, rstd, compute_dw, compute_db)
-    return (
-        dx if needs[0] else None,
-        dw if compute_dw else None,
-        db if compute_db else None,
-        None,
-        dx if ctx.has_residual and needs[4] else None,
-    )
-
-
-_layer_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def layer_norm(x, weight, bias, eps, residual):
-    """Backend entry point (inputs validated by ``vitkernels.ops.layer_norm``): y, or (y, s) with a residual."""
-    y, s, _, _ = _layer_norm_fwd_op(x, weight, bias, eps, residual)
-    return y if residual is None else (y, s)
+layer_norm = CONTRACT.register("vitkernels_triton", fwd=layer_norm_fwd, bwd=layer_norm_bwd)

@@ -49,13 +49,13 @@ tl.dot on GPU). bf16 is not tested under the interpreter (its tl.dot is wrong th
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from vitkernels.backends import triton_interpreter
+from vitkernels.ops.linear import CONTRACT
 
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -302,7 +302,8 @@ def _dz_and_dbias(dy, z, gelu, need_db):
 
 
 def linear_bwd(dy, x2d, weight, z, activation, needs_dx, needs_dw, needs_db):
-    """Gradients of linear_fwd: (dx (R, K), dW (M, K), db (M,)), None for those not asked for.
+    """Gradients of linear_fwd: (dx (R, K), dW (M, K), db (M,)); distinct empty (0,) tensors for those not
+    asked for (an op's outputs may not alias).
 
     dy (R, M), x2d (R, K), weight (M, K): any strides. z (R, M): the saved pre-activation when
     activation == "gelu" (else unused).
@@ -316,99 +317,16 @@ def linear_bwd(dy, x2d, weight, z, activation, needs_dx, needs_dw, needs_db):
         dx = _gemm(dz, weight, torch.empty(x2d.shape, device=x2d.device, dtype=x2d.dtype))
     if needs_dw:
         dw = _gemm(dz.t(), x2d, torch.empty(weight.shape, device=weight.device, dtype=weight.dtype))
-    return dx, dw, db
+    return tuple(t if t is not None else dy.new_empty((0,)) for t in (dx, dw, db))
 
 
 # --------------------------------------------------------------------------------------------- registration
-@torch.library.custom_op("vitkernels_triton::linear_fwd", mutates_args=())
-def _linear_fwd_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor],
-    activation: str,
-    save_z: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (R, K), weight (M, K) -> (y (R, M), z (R, M) or empty). activation: "none" | "gelu"."""
-    return linear_fwd(x, weight, bias, residual, activation, save_z)
+def why_not_supported(device: torch.device, dtype: torch.dtype) -> str | None:
+    """The kernels' limits (None when these inputs run here)."""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"triton linear runs fp32/fp16/bf16 (tl.dot), got {dtype}"
+    return None
 
 
-@_linear_fwd_op.register_fake
-def _(x, weight, bias, residual, activation, save_z):
-    R, M = x.shape[0], weight.shape[0]
-    z_shape = (R, M) if activation == "gelu" and save_z else (0,)
-    return x.new_empty((R, M)), x.new_empty(z_shape)
-
-
-@torch.library.custom_op("vitkernels_triton::linear_bwd", mutates_args=())
-def _linear_bwd_op(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    z: Optional[torch.Tensor],
-    activation: str,
-    needs_dx: bool,
-    needs_dw: bool,
-    needs_db: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dx, dW, db); a gradient not asked for comes back as an empty tensor."""
-    dx, dw, db = linear_bwd(grad_out, x, weight, z, activation, needs_dx, needs_dw, needs_db)
-    empty = grad_out.new_empty((0,))
-    return (dx if dx is not None else empty,
-            dw if dw is not None else empty.clone(),
-            db if db is not None else empty.clone())
-
-
-@_linear_bwd_op.register_fake
-def _(grad_out, x, weight, z, activation, needs_dx, needs_dw, needs_db):
-    return (x.new_empty(x.shape) if needs_dx else grad_out.new_empty((0,)),
-            weight.new_empty(weight.shape) if needs_dw else grad_out.new_empty((0,)),
-            grad_out.new_empty((weight.shape[0],)) if needs_db else grad_out.new_empty((0,)))
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, activation, save_z = inputs
-    _, z = output
-    ctx.activation = activation
-    ctx.save_for_backward(x, weight, z)
-
-
-def _backward(ctx, dy, _dz_unused):
-    x, weight, z = ctx.saved_tensors
-    needs_dx, needs_dw, needs_db, needs_dres = ctx.needs_input_grad[:4]
-    dx = dw = db = None
-    if needs_dx or needs_dw or needs_db:
-        dx, dw, db = torch.ops.vitkernels_triton.linear_bwd(
-            dy, x, weight, z, ctx.activation, needs_dx, needs_dw, needs_db
-        )
-        dx = dx if needs_dx else None
-        dw = dw if needs_dw else None
-        db = db if needs_db else None
-    # The residual enters y additively: its gradient is dy itself (no copy).
-    dres = dy if needs_dres else None
-    return dx, dw, db, dres, None, None
-
-
-torch.library.register_autograd("vitkernels_triton::linear_fwd", _backward, setup_context=_setup_context)
-
-
-# --------------------------------------------------------------------------------------------- public
-def linear(x, weight, bias, activation, residual):
-    """act(x @ weight^T + bias) + residual; x (..., K), weight (M, K), bias (M,)|None, residual (..., M)|None.
-
-    Inputs are validated by vitkernels.ops.linear. Differentiable in x, weight, bias and residual.
-    """
-    K = x.shape[-1]
-    M = weight.shape[0]
-    lead = x.shape[:-1]
-    # (..., K) -> (R, K): a view whenever the leading dims flatten (the usual contiguous (B, N, K)); otherwise
-    # reshape copies once, deliberately: the kernel takes two strides per operand, not a stride per leading
-    # dim. A non-unit stride along K (e.g. a transposed (R, K) view) needs no copy.
-    x2d = x.reshape(-1, K)
-    res2d = residual.reshape(-1, M) if residual is not None else None
-    act = "gelu" if activation == "gelu" else "none"
-    save_z = act == "gelu" and torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    )
-    y, _ = torch.ops.vitkernels_triton.linear_fwd(x2d, weight, bias, res2d, act, save_z)
-    return y.view(*lead, M)
+# The ops of vitkernels/ops/linear.py's contract, on these launchers.
+linear = CONTRACT.register("vitkernels_triton", fwd=linear_fwd, bwd=linear_bwd)

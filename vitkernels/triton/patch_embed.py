@@ -28,17 +28,11 @@ import triton
 import triton.language as tl
 
 from vitkernels.backends import triton_interpreter
+from vitkernels.ops.patch_embed import CONTRACT
 
-__all__ = ["patch_embed", "patch_embed_fwd", "patch_embed_bwd", "patch_embed_ref"]
+__all__ = ["patch_embed", "patch_embed_fwd", "patch_embed_bwd"]
 
 _INTERPRET = triton_interpreter()
-
-
-def patch_embed_ref(images, weight, bias, pos_embed, cls_token):
-    """Pure PyTorch semantics of this file (Conv2d + flatten + transpose + cat + add)."""
-    from vitkernels.ops.reference import patch_embed as ref
-
-    return ref(images, weight, bias, pos_embed, cls_token)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -329,7 +323,7 @@ def patch_embed_fwd(images, weight, bias, pos_embed, cls_token):
     return out
 
 
-def patch_embed_bwd(grad_out, images, weight, has_cls, need_images, need_weight):
+def patch_embed_bwd(grad_out, images, weight, has_cls, needs_dimages, needs_dw):
     """Gradients of the two GEMMs. grad_out (B, T_out, D), any strides.
 
     Returns (dimages (B, C, H, W) contiguous, or empty; dweight (D, C, P, P), or empty), in the input dtype.
@@ -343,7 +337,7 @@ def patch_embed_bwd(grad_out, images, weight, has_cls, need_images, need_weight)
     precision = _dot_precision(images.dtype)
     dimages = images.new_empty((0,))
     dweight = weight.new_empty((0,))
-    if need_images:
+    if needs_dimages:
         dimages = torch.empty((B, C, H, W), device=images.device, dtype=images.dtype)
         if M > 0:
             w2 = _weight_2d(weight)
@@ -356,7 +350,7 @@ def patch_embed_bwd(grad_out, images, weight, has_cls, need_images, need_weight)
                 M, D, K, N, GW, T_out, H, W,
                 P=P, CLS_OFF=cls_off, DOT_PRECISION=precision,
             )
-    if need_weight:
+    if needs_dw:
         if M == 0:
             dweight = torch.zeros_like(weight)
         else:
@@ -383,75 +377,14 @@ def patch_embed_bwd(grad_out, images, weight, has_cls, need_images, need_weight)
 # ----------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("vitkernels_triton::patch_embed_fwd", mutates_args=())
-def _patch_embed_fwd_op(
-    images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pos_embed: torch.Tensor | None,
-    cls_token: torch.Tensor | None,
-) -> torch.Tensor:
-    return patch_embed_fwd(images, weight, bias, pos_embed, cls_token)
+# ----------------------------------------------------------------------------------------------------------
+# Registration: the ops of vitkernels/ops/patch_embed.py's contract, on these launchers
+# ----------------------------------------------------------------------------------------------------------
+def why_not_supported(device: torch.device, dtype: torch.dtype, D: int, P: int) -> str | None:
+    """The kernels' limits (None when these inputs run here)."""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"triton patch_embed runs fp32/fp16/bf16 (tl.dot), got {dtype}"
+    return None
 
 
-@_patch_embed_fwd_op.register_fake
-def _(images, weight, bias, pos_embed, cls_token):
-    B, _, H, W = images.shape
-    D, _, P, _ = weight.shape
-    T_out = (H // P) * (W // P) + (1 if cls_token is not None else 0)
-    return images.new_empty((B, T_out, D))
-
-
-@torch.library.custom_op("vitkernels_triton::patch_embed_bwd", mutates_args=())
-def _patch_embed_bwd_op(
-    grad_out: torch.Tensor, images: torch.Tensor, weight: torch.Tensor, has_cls: bool, need_images: bool,
-    need_weight: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return patch_embed_bwd(grad_out, images, weight, has_cls, need_images, need_weight)
-
-
-@_patch_embed_bwd_op.register_fake
-def _(grad_out, images, weight, has_cls, need_images, need_weight):
-    return (
-        images.new_empty(images.shape if need_images else (0,)),
-        weight.new_empty(weight.shape if need_weight else (0,)),
-    )
-
-
-def _setup_context(ctx, inputs, output):
-    images, weight, bias, pos_embed, cls_token = inputs
-    ctx.save_for_backward(images, weight)
-    ctx.has_bias = bias is not None
-    ctx.pos_len = pos_embed.shape[1] if pos_embed is not None else 0
-    ctx.has_cls = cls_token is not None
-
-
-def _backward(ctx, grad_out):
-    images, weight = ctx.saved_tensors
-    need_images, need_weight, need_bias, need_pos, need_cls = ctx.needs_input_grad
-    dimages = dweight = dbias = dpos = dcls = None
-    if need_images or need_weight:
-        dimages, dweight = _patch_embed_bwd_op(grad_out, images, weight, ctx.has_cls, need_images, need_weight)
-    if need_bias or need_pos or need_cls:
-        # One fp32 pass over dout: its sum over the batch, (T_out, D). Every small gradient is a slice of it.
-        per_token = grad_out.sum(0, dtype=torch.float32)
-        patches = per_token[1:] if ctx.has_cls else per_token  # (N, D)
-        dtype = grad_out.dtype
-        if need_bias:
-            dbias = patches.sum(0).to(dtype)
-        if need_pos:  # pos_embed covers every output row (T = T_out), or only the patches (no_embed_class)
-            dpos = (per_token if ctx.pos_len == per_token.shape[0] else patches).unsqueeze(0).to(dtype)
-        if need_cls:
-            dcls = per_token[0].view(1, 1, -1).to(dtype)
-    return (
-        dimages if need_images else None,
-        dweight if need_weight else None,
-        dbias,
-        dpos,
-        dcls,
-    )
-
-
-_patch_embed_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def patch_embed(images, weight, bias, pos_embed, cls_token):
-    """Backend entry point (inputs validated by ``vitkernels.ops.patch_embed``): tokens (B, [1+]N, D)."""
-    return _patch_embed_fwd_op(images, weight, bias, pos_embed, cls_token)
+patch_embed = CONTRACT.register("vitkernels_triton", fwd=patch_embed_fwd, bwd=patch_embed_bwd)
