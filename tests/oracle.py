@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vitkernels.backends import why_not
+from vitkernels.backends import CONCRETE, why_not
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -36,7 +36,22 @@ def backend_params(*names: str, op: str | None = None):
     return params
 
 
-FUSED = ("triton", "cuda")
+# The kernel backends (every concrete backend but the torch reference), from the package's one list.
+FUSED = tuple(name for name in CONCRETE if name != "torch")
+
+
+def require_backend(name: str, op: str | None = None):
+    """Skip the calling test with the reason when backend ``name`` cannot run on DEVICE (or lacks ``op``);
+    else return its implementation module, with ``op``'s file imported (which registers its ops)."""
+    from vitkernels.backends import get_impl
+
+    why = why_not(name, DEVICE)
+    if why is not None:
+        pytest.skip(why)
+    impl = get_impl(name)
+    if op is not None and impl.get_op(op) is None:
+        pytest.skip(f"{name} backend has no {op} op")
+    return impl
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -11,15 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from oracle import DEVICE, DTYPES, assert_budget, backend_params
+from oracle import DEVICE, DTYPES, FUSED, assert_budget, backend_params, require_backend
 from vitkernels import ops
-from vitkernels.backends import get_impl, why_not
+from vitkernels.backends import BackendError
 from optional import hypothesis_api
 
 given, settings, st = hypothesis_api()
 
-BACKENDS = backend_params("triton", "cuda", op="attention")
-WHY_NO_TRITON = why_not("triton", DEVICE)
+BACKENDS = backend_params(*FUSED, op="attention")
 
 # (B, H, N, D): a covering list rather than the full product; small B * H for the large N (interpreter time).
 SHAPES = [
@@ -128,7 +127,7 @@ def test_attention_large_scores_stay_finite(backend):
     D=st.sampled_from([16, 32, 40, 64, 80]),
 )
 def test_attention_property(B, H, N, M, D):
-    _triton_or_skip()
+    require_backend("triton", "attention")
     torch.manual_seed(B * 1000 + H * 100 + N * 10 + M + D)
     q = torch.randn(B, N, H, D, device=DEVICE).transpose(1, 2)
     k = torch.randn(B, H, M, D, device=DEVICE)
@@ -136,31 +135,18 @@ def test_attention_property(B, H, N, M, D):
     _check("triton", q, k, v)
 
 
-def _triton_or_skip():
-    if WHY_NO_TRITON is not None:
-        pytest.skip(WHY_NO_TRITON)
-    import vitkernels.triton.attention  # noqa: F401  (registers the ops)
-
-
-_NAMESPACE = {"triton": "vitkernels_triton", "cuda": "vitkernels_C"}
-
-
-def _ns(backend):
-    get_impl(backend).get_op("attention")  # imports the op file, which registers the fake/autograd impls
-    return getattr(torch.ops, _NAMESPACE[backend])
-
-
-@pytest.mark.parametrize("backend", backend_params("triton", "cuda", op="attention"))
+@pytest.mark.parametrize("backend", backend_params(*FUSED, op="attention"))
 def test_attention_lse(backend):
     """The saved statistic is the natural-log log-sum-exp of each row of the scaled scores."""
     _, q, k, v = _qkv(1, 2, 41, 32, torch.float32, requires_grad=False)
-    _, lse = _ns(backend).attention_fwd(q, k, v, 0.2)
+    impl = require_backend(backend, "attention")
+    _, lse = getattr(torch.ops, impl.NAMESPACE).attention_fwd(q, k, v, 0.2)
     ref = torch.logsumexp((q.double() @ k.double().transpose(-2, -1)) * 0.2, dim=-1)
     assert lse.dtype == torch.float32 and lse.shape == (1, 2, 41)
     assert (lse.double() - ref).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("backend", backend_params("triton", "cuda", op="attention"))
+@pytest.mark.parametrize("backend", backend_params(*FUSED, op="attention"))
 def test_attention_compile_fullgraph(backend):
     """The public op on each backend traces without a graph break (dispatch, fake impls, autograd) and
     computes the same thing."""
@@ -186,10 +172,8 @@ def test_attention_compile_fullgraph(backend):
     torch.testing.assert_close(grad, ref_grad)
 
 
-def test_attention_rejects_huge_head_dim():
-    _triton_or_skip()
-    from vitkernels.triton.attention import attention
-
+def test_attention_huge_head_dim_is_refused_with_the_reason():
+    require_backend("triton", "attention")
     q = torch.randn(1, 1, 2, 264, device=DEVICE)
-    with pytest.raises(ValueError, match="head dims up to 256"):
-        attention(q, q, q, 0.1)
+    with pytest.raises(BackendError, match="head dims up to 256"):
+        ops.attention(q, q, q, backend="triton")

@@ -10,7 +10,7 @@ from optional import need
 from oracle import DEVICE
 from vitkernels import VisionTransformer
 from vitkernels.attention_maps import attention_maps, attention_rollout
-from vitkernels.backends import get_impl, why_not
+from vitkernels.backends import OPS, get_impl, why_not
 
 timm_vit = need("timm.models.vision_transformer")  # this module checks us against timm
 TimmViT = timm_vit.VisionTransformer
@@ -28,8 +28,7 @@ def _model_backends():
     params = [pytest.param("torch", id="torch")]
     why = why_not("triton", DEVICE)
     if why is None:
-        ops = ("patch_embed", "layer_norm", "attention", "linear")
-        missing = [op for op in ops if get_impl("triton").get_op(op) is None]
+        missing = [op for op in OPS if get_impl("triton").get_op(op) is None]
         why = f"triton backend lacks ops {missing}" if missing else None
     params.append(pytest.param("triton", id="triton", marks=pytest.mark.skipif(why is not None, reason=str(why))))
     return params

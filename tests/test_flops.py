@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import vitkernels
 from vitkernels import flops
-from vitkernels.backends import why_not
+from vitkernels.backends import OPS, why_not
 
 
 def counted(model, x, training: bool) -> int:
@@ -110,8 +110,7 @@ def _triton_ready() -> str | None:
         return why
     from vitkernels.backends import get_impl
 
-    ops = ("patch_embed", "layer_norm", "attention", "linear")
-    missing = [op for op in ops if get_impl("triton").get_op(op) is None]
+    missing = [op for op in OPS if get_impl("triton").get_op(op) is None]
     return f"triton backend lacks {missing}" if missing else None
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oracle import DEVICE, DTYPES, assert_budget, backend_params
+from oracle import DEVICE, DTYPES, FUSED, assert_budget, backend_params, require_backend
 from vitkernels import ops
 from optional import hypothesis_api
 
 given, settings, st = hypothesis_api()
 
-BACKENDS = backend_params("triton", "cuda", op="layer_norm")
+BACKENDS = backend_params(*FUSED, op="layer_norm")
 EPS = 1e-6
 
 # (leading shape, C, residual): the row counts 1, 7, 197, 394 (= 2 x 197), 577 mixed with the ViT widths,
@@ -113,21 +113,12 @@ def test_layer_norm_property(rows, C, residual, affine):
     _check("triton", *_inputs((rows,), C, torch.float32, residual=residual, weight=affine, bias=affine))
 
 
-def _triton_or_skip():
-    from vitkernels.backends import why_not
-
-    why = why_not("triton", DEVICE)
-    if why is not None:
-        pytest.skip(why)
-    import vitkernels.triton.layer_norm  # noqa: F401  (registers the ops)
-
-
-def test_layer_norm_compile_fullgraph():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_norm_compile_fullgraph(backend):
     """torch.compile(fullgraph=True) traces the registered op (no graph break), forward and backward, and
     matches eager. It calls the backend function itself: the dispatch in vitkernels.ops is compiled in the
     whole-model tests."""
-    _triton_or_skip()
-    from vitkernels.triton.layer_norm import layer_norm
+    layer_norm = require_backend(backend, "layer_norm").get_op("layer_norm")
 
     torch._dynamo.reset()
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oracle import DEVICE, DTYPES, assert_budget, backend_params
+from oracle import DEVICE, DTYPES, FUSED, assert_budget, backend_params, require_backend
 from vitkernels import ops
 from optional import hypothesis_api
 
 given, settings, st = hypothesis_api()
 
-BACKENDS = backend_params("triton", "cuda", op="linear")
+BACKENDS = backend_params(*FUSED, op="linear")
 
 # (leading shape of x, K, M, activation, bias, residual): rows 1, 7, 197, 394 (= 2 x 197); (K, M) from the
 # ViT-like (192, 768), the awkward (200, 72) and (388, 200), and fc1/fc2-like (96, 384) / (384, 96).
@@ -141,27 +141,17 @@ def test_linear_inference_and_empty(backend):
        gelu=st.booleans(), bias=st.booleans(), residual=st.booleans())
 def test_linear_property(rows, K, M, gelu, bias, residual):
     """Any (R, K, M), including 1 and non-multiples of the tile sizes, matches the oracle in fp32."""
-    _triton_or_skip()
+    require_backend("triton", "linear")
     x, w, b, r = _inputs((rows,), K, M, torch.float32, bias=bias, residual=residual)
     _check("triton", x, w, b, r, "gelu" if gelu else None, rerun=False)
 
 
-def _triton_or_skip():
-    from vitkernels.backends import why_not
-
-    why = why_not("triton", DEVICE)
-    if why is not None:
-        pytest.skip(why)
-    import vitkernels.triton.linear  # noqa: F401  (registers the ops)
-
-
-def test_linear_compile_fullgraph():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_compile_fullgraph(backend):
     """torch.compile(fullgraph=True) traces the op (no graph break) and matches eager, forward and backward."""
-    _triton_or_skip()
-    torch._dynamo.reset()
-
     # The backend function itself (the dispatch in vitkernels.ops is not part of this test).
-    from vitkernels.triton.linear import linear
+    linear = require_backend(backend, "linear").get_op("linear")
+    torch._dynamo.reset()
 
     def mlp(x, w1, b1, w2, b2):  # timm's Mlp with the block's residual: fc1 + GELU, fc2 + residual
         h = linear(x, w1, b1, "gelu", None)

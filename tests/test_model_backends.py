@@ -9,9 +9,9 @@ import copy
 import pytest
 import torch
 
-from oracle import DEVICE, DTYPES, assert_budget, backend_params
+from oracle import DEVICE, DTYPES, FUSED, assert_budget, backend_params
 from vitkernels import VisionTransformer
-from vitkernels.backends import get_impl, why_not
+from vitkernels.backends import OPS, get_impl, why_not
 
 CONFIGS = {
     # N = 197 tokens (224 / 16), head dim 32, odd MLP width
@@ -25,7 +25,7 @@ CONFIGS = {
 def _needs_all_ops(backend):
     why = why_not(backend, DEVICE)
     if why is None:
-        missing = [op for op in ("patch_embed", "layer_norm", "attention", "linear")
+        missing = [op for op in OPS
                    if get_impl(backend).get_op(op) is None]
         why = f"{backend} backend lacks {missing}" if missing else None
     if why:
@@ -41,7 +41,7 @@ def _run(model, x):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("cfg", list(CONFIGS))
-@pytest.mark.parametrize("backend", backend_params("triton", "cuda"))
+@pytest.mark.parametrize("backend", backend_params(*FUSED))
 def test_model_matches_torch_backend(backend, cfg, dtype):
     _needs_all_ops(backend)
     kw = CONFIGS[cfg]
@@ -60,7 +60,7 @@ def test_model_matches_torch_backend(backend, cfg, dtype):
         assert_budget(f"{backend} grad {name}", grads[name], ref_grads[name], oracle_grads[name])
 
 
-@pytest.mark.parametrize("backend", backend_params("triton", "cuda"))
+@pytest.mark.parametrize("backend", backend_params(*FUSED))
 def test_model_compiles_fullgraph(backend):
     _needs_all_ops(backend)
     torch._dynamo.reset()

@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oracle import DEVICE, DTYPES, assert_budget, backend_params
+from oracle import DEVICE, DTYPES, FUSED, assert_budget, backend_params, require_backend
 from vitkernels import ops
 from optional import hypothesis_api
 
 given, settings, st = hypothesis_api()
 
-BACKENDS = backend_params("triton", "cuda", op="patch_embed")
+BACKENDS = backend_params(*FUSED, op="patch_embed")
 
 # (B, C, grid_h, grid_w, P, D, cls, pos) with pos in {None, "N+1", "N"} ("N" with a cls token is timm's
 # no_embed_class: the class token gets no position embedding).
@@ -119,21 +119,12 @@ def test_patch_embed_property(B, C, GH, GW, P, D, cls, pos):
     _check("triton", _inputs(B, C, GH, GW, P, D, cls, pos, torch.float32))
 
 
-def _triton_or_skip():
-    from vitkernels.backends import why_not
-
-    why = why_not("triton", DEVICE)
-    if why is not None:
-        pytest.skip(why)
-    import vitkernels.triton.patch_embed  # noqa: F401  (registers the ops)
-
-
-def test_patch_embed_compile_fullgraph():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_patch_embed_compile_fullgraph(backend):
     """torch.compile(fullgraph=True) traces the registered op (no graph break), forward and backward, and
     matches eager. It calls the backend function itself: the dispatch in vitkernels.ops is compiled in the
     whole-model tests."""
-    _triton_or_skip()
-    from vitkernels.triton.patch_embed import patch_embed
+    patch_embed = require_backend(backend, "patch_embed").get_op("patch_embed")
 
     torch._dynamo.reset()
 

@@ -13,12 +13,13 @@ import pytest
 import torch
 
 import vitkernels
+from vitkernels.backends import OPS
 from optional import need
 import vitkernels.ops
 from vitkernels.convert import UnsupportedModelError
 from vitkernels.patch_timm import is_patched, unpatch_timm
 
-from oracle import DEVICE, assert_budget
+from oracle import DEVICE, FUSED, assert_budget
 
 timm_vit = need("timm.models.vision_transformer")  # this module checks us against timm
 TimmViT = timm_vit.VisionTransformer
@@ -84,7 +85,7 @@ def test_patched_logits_and_grads_match_timm(name):
 def test_forward_runs_through_vitkernels_ops(monkeypatch):
     model = vitkernels.patch_timm(_timm(**dict(TINY, global_pool="avg")).eval(), backend="torch")
     calls = {}
-    for op in ("patch_embed", "layer_norm", "attention", "linear"):
+    for op in OPS:
         fn = getattr(vitkernels.ops, op)
 
         def counted(*args, _fn=fn, _op=op, **kwargs):
@@ -198,11 +199,11 @@ def _fused_params():
     from vitkernels.backends import get_impl, why_not
 
     params = []
-    for name in ("triton", "cuda"):
+    for name in FUSED:
         why = why_not(name, DEVICE)
         if why is None:
             try:
-                lacking = [op for op in ("patch_embed", "layer_norm", "attention", "linear")
+                lacking = [op for op in OPS
                            if get_impl(name).get_op(op) is None]
             except Exception as exc:  # a backend being written must not break collection of this file
                 lacking, why = [], f"cannot load its ops: {type(exc).__name__}: {exc}"

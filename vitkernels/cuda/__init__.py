@@ -93,6 +93,7 @@ def get_op(name: str):
     return _LOADED[name]
 
 
+NAMESPACE = "vitkernels_C"  # torch.ops.vitkernels_C.<op>_fwd / _bwd, defined by csrc/<op>.cpp
 _LOADED: dict = {}  # op name -> function, once its file imported (and the extension loaded)
 _CHECKS: dict = {}  # op name -> its file's why_not_supported(device, dtype, *key)
 

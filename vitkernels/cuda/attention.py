@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from vitkernels.cuda import NAMESPACE
 from vitkernels.cuda.build import load_extension
 from vitkernels.ops.attention import CONTRACT
 
@@ -53,4 +54,4 @@ def last_dim_contiguous(*args):
                  for a in args)
 
 
-attention = CONTRACT.register("vitkernels_C", prepare=last_dim_contiguous)
+attention = CONTRACT.register(NAMESPACE, prepare=last_dim_contiguous)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from vitkernels.cuda import NAMESPACE
 from vitkernels.cuda.build import load_extension
 from vitkernels.ops.contract import contiguous
 from vitkernels.ops.linear import CONTRACT
@@ -22,4 +23,4 @@ def why_not_supported(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-linear = CONTRACT.register("vitkernels_C", prepare=contiguous)
+linear = CONTRACT.register(NAMESPACE, prepare=contiguous)

@@ -30,6 +30,8 @@ def why_not_device(device: torch.device) -> str | None:
 
 # op name -> function (or None when its file does not exist). Filled once, when vitkernels.backends probes
 # this backend, so that a traced region (torch.compile) only ever does a dict lookup, never an import.
+NAMESPACE = "vitkernels_triton"  # torch.ops.vitkernels_triton.<op>_fwd / _bwd
+
 _OPS: dict = {}
 _CHECKS: dict = {}  # op name -> its file's why_not_supported(device, dtype, *key)
 

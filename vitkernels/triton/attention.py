@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from vitkernels.backends import triton_interpreter
+from vitkernels.triton import NAMESPACE
 from vitkernels.ops.attention import CONTRACT, empty_bnhd
 
 __all__ = ["attention", "attention_fwd", "attention_bwd"]
@@ -468,4 +469,4 @@ def why_not_supported(device: torch.device, dtype: torch.dtype, D: int, BH: int)
     return None
 
 
-attention = CONTRACT.register("vitkernels_triton", fwd=attention_fwd, bwd=attention_bwd)
+attention = CONTRACT.register(NAMESPACE, fwd=attention_fwd, bwd=attention_bwd)

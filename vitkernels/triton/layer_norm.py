@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from vitkernels.backends import triton_interpreter
+from vitkernels.triton import NAMESPACE
 from vitkernels.ops.layer_norm import CONTRACT
 
 __all__ = ["layer_norm", "layer_norm_fwd", "layer_norm_bwd", "why_not_supported"]
@@ -335,4 +336,4 @@ def why_not_supported(device: torch.device, dtype: torch.dtype, C: int) -> str |
     return None
 
 
-layer_norm = CONTRACT.register("vitkernels_triton", fwd=layer_norm_fwd, bwd=layer_norm_bwd)
+layer_norm = CONTRACT.register(NAMESPACE, fwd=layer_norm_fwd, bwd=layer_norm_bwd)

@@ -55,6 +55,7 @@ import triton
 import triton.language as tl
 
 from vitkernels.backends import triton_interpreter
+from vitkernels.triton import NAMESPACE
 from vitkernels.ops.linear import CONTRACT
 
 
@@ -329,4 +330,4 @@ def why_not_supported(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 # The ops of vitkernels/ops/linear.py's contract, on these launchers.
-linear = CONTRACT.register("vitkernels_triton", fwd=linear_fwd, bwd=linear_bwd)
+linear = CONTRACT.register(NAMESPACE, fwd=linear_fwd, bwd=linear_bwd)

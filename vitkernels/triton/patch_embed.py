@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from vitkernels.backends import triton_interpreter
+from vitkernels.triton import NAMESPACE
 from vitkernels.ops.patch_embed import CONTRACT
 
 __all__ = ["patch_embed", "patch_embed_fwd", "patch_embed_bwd"]
@@ -387,4 +388,4 @@ def why_not_supported(device: torch.device, dtype: torch.dtype, D: int, P: int) 
     return None
 
 
-patch_embed = CONTRACT.register("vitkernels_triton", fwd=patch_embed_fwd, bwd=patch_embed_bwd)
+patch_embed = CONTRACT.register(NAMESPACE, fwd=patch_embed_fwd, bwd=patch_embed_bwd)
