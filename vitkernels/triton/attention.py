@@ -48,7 +48,6 @@ from vitkernels.ops.attention import CONTRACT, empty_bnhd
 __all__ = ["attention", "attention_fwd", "attention_bwd"]
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
-LN2 = 0.6931471805599453  # ln(2): log(x) = log2(x) * ln(2)
 MAX_HEAD_DIM = 256
 
 
