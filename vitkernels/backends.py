@@ -139,11 +139,12 @@ def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dty
     supports the inputs (falling back to ``torch``, which supports everything); an explicit name that cannot
     run them raises BackendError listing the reason for every backend. Cached: see the module docstring.
     """
-    name = default_backend() if backend is None else backend
+    # backend=None is keyed by the raw $VITKERNELS_BACKEND (validated on a miss): no parsing per call.
+    name = backend if backend is not None else os.environ.get("VITKERNELS_BACKEND")
     hit = _RESOLVED.get((op, name, device.type, dtype, key))
     if hit is not None:
         return hit
-    picked = _resolve(op, check_name(name), device, dtype, key)
+    picked = _resolve(op, check_name(name) if backend is not None else default_backend(), device, dtype, key)
     _RESOLVED[(op, name, device.type, dtype, key)] = picked
     return picked
 
