@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: sets up what is missing (scripts/setup.sh), prints the backends, benchmarks the training step
 # against timm eager / timm + torch.compile on whatever hardware is here, then trains a ViT on mnist5k (5,000
-# real MNIST digits shipped inside the package, vitkernels/datasets/). Works offline. Results go to
+# real MNIST digits shipped inside the package, vitkernels/experiments/datasets/). Works offline. Results go to
 # ${OUT:-runs/main}; extra arguments go to `vitkernels train`.
 set -euo pipefail
 cd "$(dirname "$0")"

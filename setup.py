@@ -62,7 +62,8 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["vitkernels", "vitkernels.*"]),
-    package_data={"vitkernels": ["datasets/*.npz", "datasets/*.md"]},  # mnist5k, the main job's default data
+    # mnist5k, the main job's default data
+    package_data={"vitkernels": ["experiments/datasets/*.npz", "experiments/datasets/*.md"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy", "tqdm"],
     extras_require={

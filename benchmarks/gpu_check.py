@@ -582,18 +582,14 @@ def dry_run(steps: list[Step], budget_s: float) -> int:
 # Results
 
 
-def _versions() -> dict:
-    import torch
-
-    v = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda}
-    try:
-        import triton
-
-        v["triton"] = triton.__version__
-    except Exception as exc:  # noqa: BLE001
-        v["triton"] = f"unavailable: {exc}"
-    v["driver"] = _run_text(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
-    return v
+def experiment_env():
+    """vitkernels/experiments/env.py (device name, commit, versions), loaded from its file: it needs only torch,
+    so the JSON records them even on a machine where the vitkernels package does not import."""
+    path = os.path.join(ROOT, "vitkernels", "experiments", "env.py")
+    spec = importlib.util.spec_from_file_location("vitkernels_experiments_env", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def results_path(device: str, now: datetime.datetime) -> str:
@@ -678,15 +674,18 @@ def main(argv: list[str] | None = None) -> int:
     t0 = float(os.environ.get("VK_GPU_CHECK_T0") or time.time())  # gpu_check.sh's start: setup counts too
     t0 = min(max(t0, time.time() - 600), time.time())
     capability = torch.cuda.get_device_capability()
-    device = torch.cuda.get_device_name(0)
+    env = experiment_env()
+    device = env.device_name("cuda")
     check = Check(workers=args.workers, capability=capability)
     now = datetime.datetime.now(datetime.timezone.utc)
-    commit = _run_text(["git", "-C", ROOT, "rev-parse", "HEAD"]) or "unknown"
-    dirty = _run_text(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"])
+    commit = env.git_commit(ROOT) or "unknown"
+    # no vitkernels among the versions: importing it here would load the extension before the build step
+    versions = {**env.versions(("triton",)),
+                "driver": _run_text(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])}
     result = {"date": now.isoformat(timespec="seconds"), "device": device,
-              "capability": f"{capability[0]}.{capability[1]}", "commit": commit, "dirty": bool(dirty),
-              "versions": _versions(), "budget_s": args.budget, "environment": environment(judge_libraries=False),
-              "steps": []}
+              "capability": f"{capability[0]}.{capability[1]}", "commit": commit.removesuffix("-dirty"),
+              "dirty": commit.endswith("-dirty"), "versions": versions, "budget_s": args.budget,
+              "environment": environment(judge_libraries=False), "steps": []}
     results = Results(results_path(device, now), result, check)
     results.write()
 

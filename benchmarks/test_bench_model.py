@@ -1,5 +1,6 @@
-"""pytest-benchmark suite: the full training step and inference of a ViT per provider (``vitkernels.bench``'s
-providers), for ``pytest benchmarks/test_bench_model.py --benchmark-json=out.json``. CI does not run it.
+"""pytest-benchmark suite: the full training step and inference of a ViT per provider
+(``vitkernels.experiments.bench``'s providers), for
+``pytest benchmarks/test_bench_model.py --benchmark-json=out.json``. CI does not run it.
 
 GPU: vit_base_patch16_224, 224 px, bf16, batch 64 (``VITKERNELS_BENCH_BATCH`` overrides). Without a GPU a
 tiny ViT on the CPU, and only the providers that are benchmarks there (triton/cuda rows skip with the reason).
@@ -12,7 +13,7 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from vitkernels import bench  # noqa: E402
+from vitkernels.experiments import bench  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from vitkernels import bench
+from vitkernels.experiments import bench
 
 FIELDS = ("provider", "mode", "model", "img_size", "batch_size", "dtype", "img_per_s", "ms_per_step", "tflops",
           "mfu", "peak_mem_mb", "speedup_vs_eager", "skipped", "ms_min", "ms_max", "spread_pct")

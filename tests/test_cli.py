@@ -9,7 +9,7 @@ import pytest
 
 from vitkernels.__main__ import main
 from vitkernels.backends import BackendError
-from vitkernels.cli import error_line
+from vitkernels.experiments.cli import error_line
 
 TINY = ["--embed-dim", "16", "--depth", "1", "--num-heads", "2", "--steps", "1", "--no-progress",
         "--device", "cpu"]
@@ -47,12 +47,12 @@ def test_missing_package_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_unavailable_backend_is_one_line(tmp_path, capsys, monkeypatch):
-    import vitkernels.train
+    import vitkernels.experiments.train
 
     def unavailable(cfg):
         raise BackendError("backend 'triton' is unavailable: triton is not installed")
 
-    monkeypatch.setattr(vitkernels.train, "train", unavailable)
+    monkeypatch.setattr(vitkernels.experiments.train, "train", unavailable)
     assert main(["train", *TINY, "--backend", "triton", "--out", str(tmp_path)]) == 2
     assert "backend 'triton' is unavailable" in _one_line_error(capsys, "vitkernels train: error:")
 

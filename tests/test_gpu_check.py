@@ -29,6 +29,23 @@ def gc():
     sys.modules.pop("gpu_check", None)
 
 
+def test_device_commit_and_versions_need_only_torch():
+    """The JSON's device name, commit and versions come from vitkernels/experiments/env.py, loaded from its
+    file: they are recorded even where neither vitkernels nor triton imports."""
+    code = ("import sys\n"
+            "sys.modules['vitkernels'] = sys.modules['triton'] = None  # importing them now fails\n"
+            f"sys.path.insert(0, {os.path.dirname(SCRIPT)!r})\n"
+            "import gpu_check\n"
+            "env = gpu_check.experiment_env()\n"
+            "print(env.device_name('cpu')); print(env.git_commit()); print(env.versions(('triton',)))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    device, commit, versions = p.stdout.strip().splitlines()
+    assert device.startswith("cpu (") and "threads" in device
+    assert commit == "None" or len(commit.removesuffix("-dirty")) == 40  # None outside a git checkout
+    assert f"'torch': '{torch.__version__}'" in versions and "'triton': 'not importable (" in versions
+
+
 def _results_files() -> set[str]:
     folder = os.path.join(REPO, "benchmarks", "results")
     return set(os.listdir(folder)) if os.path.isdir(folder) else set()

@@ -7,8 +7,8 @@ import pytest
 
 from optional import need
 
-from vitkernels import plot
-from vitkernels.plot import PlotError, flop_unit, pareto_front
+from vitkernels.experiments import plot
+from vitkernels.experiments.plot import PlotError, flop_unit, pareto_front
 
 need("matplotlib")  # every figure test draws with it
 

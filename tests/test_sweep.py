@@ -12,8 +12,8 @@ import textwrap
 
 import pytest
 
-from vitkernels import plot, sweep
-from vitkernels.sweep import COLUMNS, GridError, run_id, run_sweep, validate_grid
+from vitkernels.experiments import plot, sweep
+from vitkernels.experiments.sweep import COLUMNS, GridError, run_id, run_sweep, validate_grid
 
 TINY = {"embed_dim": 16, "depth": 1, "num_heads": 2, "patch_size": 4}
 

@@ -15,7 +15,7 @@ import torch
 from optional import requires
 
 from tests.test_data import make_cifar_dir, make_folder
-from vitkernels.train import TrainConfig, lr_at, main, param_groups, train
+from vitkernels.experiments.train import TrainConfig, lr_at, main, param_groups, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, batch_size=32, device="cpu", progress=False)

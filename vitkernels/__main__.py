@@ -12,15 +12,15 @@ import os
 import sys
 import traceback
 
-from vitkernels.cli import error_line
+from vitkernels.experiments.cli import error_line
 
 # command -> module with a main(argv) function
 COMMANDS = {
-    "info": "vitkernels.info",
-    "train": "vitkernels.train",
-    "bench": "vitkernels.bench",
-    "sweep": "vitkernels.sweep",
-    "plot": "vitkernels.plot",
+    "info": "vitkernels.experiments.info",
+    "train": "vitkernels.experiments.train",
+    "bench": "vitkernels.experiments.bench",
+    "sweep": "vitkernels.experiments.sweep",
+    "plot": "vitkernels.experiments.plot",
 }
 
 def run_command(cmd: str, argv: list[str]) -> int:

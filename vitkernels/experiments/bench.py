@@ -24,24 +24,22 @@ compiling takes minutes on a small CPU, so those rows are skipped there unless -
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from vitkernels.cli import ArgumentParser
+from vitkernels.experiments import harness
+from vitkernels.experiments.cli import ArgumentParser
+from vitkernels.experiments.env import DTYPES, autocast, device_name
 
 PROVIDERS = ("timm-eager", "timm-compile", "vitkernels-torch", "vitkernels-triton", "vitkernels-cuda")
 MODES = ("train", "infer")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OPS = ("patch_embed", "layer_norm", "attention", "linear")
 
 GPU_DEFAULT = dict(model="vit_base_patch16_224", img_size=224, batch_size=256, dtype="bf16", repeats=5,
@@ -77,38 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# -- environment -----------------------------------------------------------------------------------------------
-def git_commit() -> str | None:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        sha = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (sha + ("-dirty" if dirty else "")) if sha else None
-
-
-def versions() -> dict:
-    import vitkernels
-
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "vitkernels": vitkernels.__version__}
-    for name in ("triton", "timm"):
-        try:
-            out[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001
-            out[name] = None
-    return out
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 # -- providers ---------------------------------------------------------------------------------------------
 def why_skip(provider: str, device: torch.device) -> str | None:
     """Why ``provider`` cannot be timed here (None when it can)."""
@@ -119,15 +85,11 @@ def why_skip(provider: str, device: torch.device) -> str | None:
             return f"timm is not importable ({type(exc).__name__}: {exc})"
         return None
     backend = provider.split("-", 1)[1]
-    if device.type == "cpu" and backend == "triton":
-        return "no GPU; the Triton interpreter is for tests"
-    if device.type == "cpu" and backend == "cuda":
-        return "no GPU; the extension's C++ CPU twin is for tests"
-    from vitkernels.backends import get_impl, why_not
-
-    why = why_not(backend, device)
+    why = harness.why_skip(backend, device)
     if why is not None:
         return why
+    from vitkernels.backends import get_impl
+
     missing = [op for op in OPS if get_impl(backend).get_op(op) is None]
     return f"the {backend} backend has no {', '.join(missing)} op yet" if missing else None
 
@@ -175,17 +137,12 @@ def make_step(provider: str, mode: str, cfg: dict, batch: int, dtype: str, devic
     g = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(batch, cfg["in_chans"], cfg["img_size"], cfg["img_size"], generator=g, device=device)
     y = torch.randint(0, max(1, cfg["num_classes"]), (batch,), generator=g, device=device)
-    amp = DTYPES[dtype]
-
-    def autocast():
-        return torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32)
-
     if mode == "train":
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
 
         def step():
-            with autocast():
+            with autocast(device, dtype):
                 logits = model(x)
             F.cross_entropy(logits.float(), y).backward()
             opt.step()
@@ -194,7 +151,7 @@ def make_step(provider: str, mode: str, cfg: dict, batch: int, dtype: str, devic
         model.eval()
 
         def step():
-            with torch.inference_mode(), autocast():
+            with torch.inference_mode(), autocast(device, dtype):
                 model(x)
     return step
 
@@ -305,8 +262,7 @@ def run(args: argparse.Namespace) -> dict:
             results.append(row)
             if getattr(args, "verbose", True):
                 print(format_row(row), flush=True)
-    return dict(device=name, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                commit=git_commit(), versions=versions(), peak_tflops=peak,
+    return dict(**harness.metadata(device), peak_tflops=peak,
                 config=dict(model=args.model, model_kwargs=cfg, batch_size=args.batch_size, dtype=args.dtype,
                             repeats=args.repeats, iters=args.iters, warmup=args.warmup,
                             timing="cuda events" if device.type == "cuda" else "time.perf_counter"),

@@ -10,7 +10,7 @@ Names (``load(name)``):
 - ``synthetic``       random images generated on the device (for throughput; labels are random).
 - ``digits``          scikit-learn's bundled 8x8 digits (1,797 images, 16 grey levels), seeded 80/20 split.
 - ``mnist5k``         5,000 real MNIST digits (500 per class) shipped inside this package
-                      (``vitkernels/datasets/``, CC BY-SA 3.0, provenance there), seeded 4,000/1,000 split.
+                      (``vitkernels/experiments/datasets/``, CC BY-SA 3.0, provenance there), seeded 4,000/1,000 split.
 - ``cifar10:<dir>``   the standard ``cifar-10-batches-py`` pickle layout (data_batch_1..5, test_batch).
 - ``folder:<dir>``    ImageFolder layout ``<dir>/<class>/<image>``; or ``<dir>/train/<class>/...`` with
                       ``<dir>/val`` (or ``test``) beside it. Images are converted to RGB and resized to one size.
@@ -149,8 +149,8 @@ def _digits(name, seed) -> Data:
 
 
 def mnist5k_path() -> str:
-    """The 5,000 MNIST digits shipped inside this package (vitkernels/datasets/mnist5k.npz; provenance and
-    licence in vitkernels/datasets/README.md)."""
+    """The 5,000 MNIST digits shipped inside this package (vitkernels/experiments/datasets/mnist5k.npz; provenance and
+    licence in vitkernels/experiments/datasets/README.md)."""
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "datasets", "mnist5k.npz")
     if not os.path.exists(path):
         raise FileNotFoundError(f"dataset 'mnist5k': {path} is missing from this installation of vitkernels")

@@ -2,36 +2,22 @@
 
 from __future__ import annotations
 
-import argparse
-import platform
-
-from vitkernels.cli import ArgumentParser
+from vitkernels.experiments.cli import ArgumentParser
 
 
 def collect() -> dict:
     import torch
 
-    import vitkernels
     from vitkernels.backends import available_backends, default_backend, triton_interpreter
+    from vitkernels.experiments.env import device_name, versions
 
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception as exc:  # noqa: BLE001
-        triton_version = f"not importable ({type(exc).__name__})"
-    cuda = torch.cuda.is_available()
     info = {
-        "vitkernels": vitkernels.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "triton": triton_version,
+        **versions(("vitkernels", "triton")),
         "triton_interpreter": triton_interpreter(),
-        "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})",
+        "device": device_name(),
         "default_backend": default_backend(),
         "backends": available_backends(),
-        "backends_on_device": available_backends("cuda" if cuda else "cpu"),
+        "backends_on_device": available_backends("cuda" if torch.cuda.is_available() else "cpu"),
     }
     try:
         from vitkernels.cuda import extension_info

@@ -26,7 +26,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from vitkernels.cli import ArgumentParser
+from vitkernels.experiments.cli import ArgumentParser
 
 # (scale, unit) for total compute, chosen so that the smallest point is at least 1 of the unit.
 FLOP_UNITS = ((1e18, "EFLOPs"), (1e15, "PFLOPs"), (1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs"), (1.0, "FLOPs"))
@@ -67,17 +67,7 @@ def load_sweep(path: str | os.PathLike) -> tuple[dict, list[dict]]:
     path = Path(path)
     if path.is_dir():
         path = path / "sweep.json"
-    try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise PlotError(f"cannot read {path}: {exc.strerror or exc} (run `python -m vitkernels sweep` first)") from None
-    except json.JSONDecodeError as exc:
-        raise PlotError(f"{path} is not valid JSON: {exc}") from None
-    if isinstance(data, list):
-        return {}, data
-    if isinstance(data, dict) and isinstance(data.get("rows"), list):
-        return {k: v for k, v in data.items() if k != "rows"}, data["rows"]
-    raise PlotError(f"{path}: expected a list of rows or an object with 'rows'")
+    return _load_rows(path, "", ("rows",), hint=" (run `python -m vitkernels sweep` first)")
 
 
 def finished(rows: list[dict]) -> list[dict]:
@@ -251,19 +241,25 @@ def plot_accuracy_vs_wallclock(meta: dict, rows: list[dict], *, error: bool = Fa
 
 def load_bench(path: str | os.PathLike) -> tuple[dict, list[dict]]:
     """(meta, rows) of a bench JSON: a list of rows, or an object holding them under "rows" or "results"."""
+    return _load_rows(Path(path), "bench file ", ("rows", "results"))
+
+
+def _load_rows(path: Path, what: str, keys: tuple[str, ...], hint: str = "") -> tuple[dict, list[dict]]:
+    """(meta, rows) of a JSON file holding a list of rows, or an object with them under one of ``keys``;
+    ``what`` names the file in the errors, ``hint`` ends the can't-read one."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(path.read_text())
     except OSError as exc:
-        raise PlotError(f"cannot read bench file {path}: {exc.strerror or exc}") from None
+        raise PlotError(f"cannot read {what}{path}: {exc.strerror or exc}{hint}") from None
     except json.JSONDecodeError as exc:
-        raise PlotError(f"bench file {path} is not valid JSON: {exc}") from None
+        raise PlotError(f"{what}{path} is not valid JSON: {exc}") from None
     if isinstance(data, list):
         return {}, data
     if isinstance(data, dict):
-        for key in ("rows", "results"):
+        for key in keys:
             if isinstance(data.get(key), list):
                 return {k: v for k, v in data.items() if k != key}, data[key]
-    raise PlotError(f"bench file {path}: expected a list of rows or an object with 'rows' or 'results'")
+    raise PlotError(f"{what}{path}: expected a list of rows or an object with {' or '.join(map(repr, keys))}")
 
 
 def _skip_reason(row: dict) -> str | None:

@@ -33,7 +33,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -41,9 +40,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from vitkernels.cli import ArgumentParser
+from vitkernels.experiments.cli import ArgumentParser
+from vitkernels.experiments.env import ROOT, device_name
 
-# A grid entry may set any option of `python -m vitkernels train` (read from its parser, see train_options) but
+# A grid entry may set any option of `python -m vitkernels train` (read from its config, see train_options) but
 # these, which belong to the sweep: one dataset per sweep, one output folder per run, resuming is the sweep's job.
 SWEEP_OWNED = ("dataset", "out", "resume")
 # Without a model name, a run must give the architecture explicitly.
@@ -94,23 +94,14 @@ def default_grid(device: str | None = None) -> list[dict]:
 def train_options() -> dict[str, tuple[type, tuple | None]]:
     """Options of ``vitkernels train`` a grid entry may set: name (underscores) -> (JSON type, choices or None).
 
-    Read from train's own argument parser, so the grid always accepts exactly what train accepts.
+    Read from train's config (``TrainConfig``'s fields declare the options), so the grid always accepts exactly
+    what train accepts.
     """
-    try:
-        from vitkernels.train import build_parser
-    except ImportError as exc:
-        raise GridError(f"cannot read the options of `vitkernels train`: {exc}") from exc
-    options = {}
-    for action in build_parser()._actions:
-        flags = [flag for flag in action.option_strings if flag.startswith("--")]
-        if not flags or action.help == argparse.SUPPRESS:
-            continue
-        key = flags[0][2:].replace("-", "_")
-        if key in SWEEP_OWNED or key == "help":
-            continue
-        kind = bool if action.nargs == 0 else action.type if action.type in (int, float) else str
-        options[key] = (kind, tuple(action.choices) if action.choices else None)
-    return options
+    from vitkernels.experiments.cli import options
+    from vitkernels.experiments.train.config import TrainConfig
+
+    return {f.key: (f.kind, f.option.choices) for f in options(TrainConfig)
+            if not f.option.hidden and f.key not in SWEEP_OWNED}
 
 
 def validate_grid(grid) -> list[dict]:
@@ -214,8 +205,7 @@ def default_train_cmd() -> list[str]:
 def _package_env() -> dict:
     """The environment of a train subprocess: this vitkernels importable even when it is not installed."""
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
 
@@ -326,17 +316,6 @@ def write_results(out: Path, rows: list[dict], meta: dict) -> None:
     os.replace(tmp, out / "sweep.csv")
 
 
-def _device_name() -> str:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001 - the name is only a label
-        pass
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
 def run_sweep(grid: list[dict], dataset: str, out: str | os.PathLike, *, train_cmd: list[str] | None = None,
               timeout: float | None = None, prune: bool = False, log=print) -> list[dict]:
     """Run every grid entry not finished yet, writing out/sweep.{csv,json} after each; return the rows."""
@@ -349,7 +328,7 @@ def run_sweep(grid: list[dict], dataset: str, out: str | os.PathLike, *, train_c
     except (OSError, json.JSONDecodeError, AttributeError, KeyError, TypeError):
         pass
     ids = [run_id(options, dataset) for options in grid]
-    meta = {"dataset": dataset, "machine": _device_name(), "started": _now(), "load_avg_start": _load_avg(),
+    meta = {"dataset": dataset, "machine": device_name(), "started": _now(), "load_avg_start": _load_avg(),
             "grid": grid}
     rows: list[dict] = []
     start, cpu_start = time.perf_counter(), _children_cpu_s()

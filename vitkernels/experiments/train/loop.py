@@ -19,70 +19,18 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from vitkernels import data as datasets
 from vitkernels import flops as flopcount
-from vitkernels.train import checkpoint as ckpt
+from vitkernels.experiments import data as datasets
+from vitkernels.experiments.env import autocast, device_name, precision
+from vitkernels.experiments.train import checkpoint as ckpt
+from vitkernels.experiments.train.config import RESUME_AUTO, TrainConfig, resolve
 
 CHECKPOINT = "checkpoint.pt"
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on. ``None`` means: take the preset's value (``preset(device)``)."""
-
-    model: str | None = None
-    img_size: int | None = None
-    patch_size: int | None = None
-    embed_dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    mlp_ratio: float | None = None
-    drop_path_rate: float | None = None
-    dataset: str | None = None
-    epochs: float | None = None
-    steps: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    min_lr_ratio: float = 0.01
-    weight_decay: float | None = None
-    warmup_steps: int | None = None
-    label_smoothing: float | None = None
-    clip_grad: float | None = None
-    backend: str = "auto"
-    amp: str | None = None
-    compile: bool = False
-    grad_checkpointing: bool = False
-    seed: int = 0
-    eval_interval: int | None = None
-    out: str = "runs/train"
-    resume: str | None = None
-    ckpt_interval: int | None = None
-    deterministic: bool = False
-    device: str | None = None
-    workers: int = 0
-    peak_tflops: float | None = None
-    progress: bool = True
-    log_every: int = 10
-    debug_step_sleep: float = 0.0  # seconds slept after each step (tests kill a run mid-way)
-    extra: dict = field(default_factory=dict)
-
-
-# Embedded defaults: with no options at all, `python -m vitkernels train` trains these.
-CPU_PRESET = dict(dataset="mnist5k", embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0, drop_path_rate=0.0,
-                  epochs=25, batch_size=64, lr=2e-3, weight_decay=0.05, label_smoothing=0.1, clip_grad=1.0,
-                  amp="none")
-GPU_PRESET = dict(dataset="mnist5k", embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0, drop_path_rate=0.1,
-                  epochs=40, batch_size=128, lr=1e-3, weight_decay=0.05, label_smoothing=0.1, clip_grad=1.0,
-                  amp="bf16")
-
-
-def preset(device: torch.device) -> dict:
-    return dict(GPU_PRESET if device.type == "cuda" else CPU_PRESET)
 
 
 def default_patch_size(img_size: int) -> int:
@@ -149,14 +97,6 @@ def lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float) -> 
     return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
-
-
-def _autocast(device: torch.device, amp: str):
-    dtype = AMP_DTYPES[amp]
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
 @torch.no_grad()
 def evaluate(model, data: datasets.Data, batch_size: int, device, amp: str, img_size: int, dist: Dist
              ) -> tuple[float, float]:
@@ -168,7 +108,7 @@ def evaluate(model, data: datasets.Data, batch_size: int, device, amp: str, img_
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
     for i in range(0, len(idx_all), batch_size):
         x, y = datasets.make_batch(data, idx_all[i:i + batch_size], train=False, img_size=img_size)
-        with _autocast(device, amp):
+        with autocast(device, amp):
             logits = model(x)
         totals[0] += (logits.argmax(-1) == y).sum()
         totals[1] += F.cross_entropy(logits.float(), y, reduction="sum")
@@ -178,14 +118,6 @@ def evaluate(model, data: datasets.Data, batch_size: int, device, amp: str, img_
     model.train(was_training)
     correct, loss_sum, count = totals.tolist()
     return correct / max(count, 1), loss_sum / max(count, 1)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def model_kwargs(cfg: TrainConfig, data: datasets.Data) -> dict:
@@ -208,19 +140,278 @@ def model_kwargs(cfg: TrainConfig, data: datasets.Data) -> dict:
     return kw
 
 
-def resolve(cfg: TrainConfig, device: torch.device) -> TrainConfig:
-    """Fill every None from the device's preset."""
-    cfg = dataclasses.replace(cfg)
-    for key, value in preset(device).items():
-        if getattr(cfg, key) is None and not (key == "epochs" and cfg.steps is not None):
-            setattr(cfg, key, value)
-    if cfg.amp not in AMP_DTYPES:
-        raise ValueError(f"--amp must be one of {', '.join(AMP_DTYPES)}, got {cfg.amp!r}")
-    if cfg.steps is not None and cfg.steps < 1 or cfg.epochs is not None and cfg.epochs <= 0:
-        raise ValueError("--steps / --epochs must be positive")
-    if cfg.batch_size < 1:
-        raise ValueError("--batch-size must be positive")
-    return cfg
+# -- set-up ------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What set-up builds and every later phase reads: the resolved config, the data, the model and its
+    optimiser, the schedule's lengths and the FLOPs of one image."""
+
+    cfg: TrainConfig  # resolved: no None left that a preset fills
+    dist: Dist
+    device: torch.device
+    data: datasets.Data
+    model_kw: dict  # VisionTransformer's constructor arguments
+    model: torch.nn.Module  # the bare model: weights, checkpoints
+    net: torch.nn.Module  # what a step calls: the model, wrapped in DDP and/or compiled
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    batch: int  # per process
+    steps_per_epoch: int
+    total: int  # steps
+    warmup: int  # steps
+    eval_interval: int  # steps
+    train_flops_per_image: float  # model FLOPs of a training step (3x forward)
+    hw_flops_per_image: float  # with the forward recomputed under gradient checkpointing
+    peak: float | None  # TFLOP/s, for MFU
+    run_id: dict  # what a checkpoint must match to be resumed
+    ckpt_path: str
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch * self.dist.world_size
+
+    @property
+    def img_size(self) -> int:
+        return self.model_kw["img_size"]
+
+
+def set_up(cfg: TrainConfig, dist: Dist, device: torch.device) -> Run:
+    """Resolve the config, seed, load the data, build the model (identical on every rank), the optimiser and
+    the schedule; create the output folder (rank 0)."""
+    from vitkernels.nn import VisionTransformer
+
+    cfg = resolve(cfg, device)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    torch.manual_seed(cfg.seed)
+    data = datasets.load(cfg.dataset, seed=cfg.seed, img_size=cfg.img_size, device=device, workers=cfg.workers)
+    kw = model_kwargs(cfg, data)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = VisionTransformer(**kw, backend=cfg.backend).to(device)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    torch.manual_seed(cfg.seed + dist.rank)  # dropout / stochastic depth differ across ranks
+
+    # Steps: every rank sees ceil(n / world) samples per epoch (DistributedSampler), in full batches.
+    n_rank = math.ceil(len(data.train_y) / dist.world_size)
+    batch = min(cfg.batch_size, n_rank)
+    steps_per_epoch = n_rank // batch
+    total = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * steps_per_epoch))
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, min(200, total // 10))
+
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    net = model
+    if dist.enabled:
+        device_ids = [device.index] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if cfg.compile:
+        net = torch.compile(net)
+
+    peak = cfg.peak_tflops if cfg.peak_tflops is not None else (
+        flopcount.peak_tflops(device_name(device), precision(cfg.amp)) if device.type == "cuda" else None)
+    if dist.main:
+        os.makedirs(cfg.out, exist_ok=True)
+    return Run(
+        cfg=cfg, dist=dist, device=device, data=data, model_kw=kw, model=model, net=net, optimizer=optimizer,
+        scaler=scaler, batch=batch, steps_per_epoch=steps_per_epoch, total=total, warmup=warmup,
+        eval_interval=cfg.eval_interval or steps_per_epoch,
+        train_flops_per_image=flopcount.count(model, training=True, recompute=False).total,
+        hw_flops_per_image=flopcount.count(model, training=True).total, peak=peak,
+        run_id=dict(model=kw, dataset=cfg.dataset, batch_size=batch, world_size=dist.world_size, seed=cfg.seed,
+                    total_steps=total),
+        ckpt_path=os.path.join(cfg.out, CHECKPOINT))
+
+
+# -- resume and checkpoints --------------------------------------------------------------------------------
+@dataclass
+class Start:
+    """Where the loop starts: step 0 of a new run, or the step of the checkpoint it resumes."""
+
+    step: int = 0
+    train_time_s: float = 0.0  # training time of the run before this process
+    resumed_from: int | None = None
+
+
+def resume(run: Run) -> Start:
+    """With --resume, load the checkpoint (weights, optimiser, scaler, step, this rank's RNG state) after
+    checking it belongs to the same run; without one, or for "auto" without a checkpoint: step 0."""
+    cfg, dist = run.cfg, run.dist
+    if not cfg.resume:
+        return Start()
+    path = run.ckpt_path if cfg.resume in RESUME_AUTO else cfg.resume
+    if not os.path.exists(path):
+        if cfg.resume not in RESUME_AUTO:
+            raise FileNotFoundError(f"--resume {path}: no such checkpoint")
+        if dist.main:
+            print(f"vitkernels train: no checkpoint at {path}; starting from step 0")
+        return Start()
+    state = ckpt.load(path, map_location=run.device)
+    mismatch = {k: (state["run"].get(k), v) for k, v in run.run_id.items() if state["run"].get(k) != v}
+    if mismatch:
+        raise ValueError(f"cannot resume from {path}: the run differs in {mismatch} (checkpoint, now)")
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scaler.load_state_dict(state["scaler"])
+    rng = state["rng"][dist.rank] if dist.rank < len(state["rng"]) else state["rng"][0]
+    ckpt.restore_rng(rng, run.device)
+    return Start(state["step"], state["train_time_s"], state["step"])
+
+
+def save_checkpoint(run: Run, step: int, train_time_s: float) -> None:
+    """Every rank's RNG state gathered to rank 0, which writes the checkpoint atomically."""
+    dist, device = run.dist, run.device
+    rngs = [ckpt.capture_rng(device)]
+    if dist.enabled:
+        rngs = [None] * dist.world_size
+        torch.distributed.all_gather_object(rngs, ckpt.capture_rng(device))
+        rngs = [{k: v.cpu() for k, v in r.items()} for r in rngs]
+    if dist.main:
+        ckpt.save_atomic(dict(model=run.model.state_dict(), optimizer=run.optimizer.state_dict(),
+                              scaler=run.scaler.state_dict(), step=step, images_seen=step * run.global_batch,
+                              train_time_s=train_time_s, rng=rngs, run=run.run_id,
+                              config=dataclasses.asdict(run.cfg)),
+                         run.ckpt_path)
+
+
+# -- one step ----------------------------------------------------------------------------------------------
+def train_step(run: Run, step: int, idx: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Step ``step`` on the samples ``idx``: batch (augmented on the device) -> forward under autocast ->
+    label-smoothed cross-entropy -> backward (scaled for fp16) -> clipping -> AdamW at the step's learning
+    rate. Returns (the loss, still on the device; the learning rate)."""
+    cfg, optimizer, scaler = run.cfg, run.optimizer, run.scaler
+    x, y = datasets.make_batch(run.data, idx, train=True, img_size=run.img_size,
+                               generator=datasets.step_generator(run.device, cfg.seed, step, run.dist.rank))
+    lr = lr_at(step, run.total, cfg.lr, run.warmup, cfg.min_lr_ratio)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast(run.device, cfg.amp):
+        logits = run.net(x)
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+    scaler.scale(loss).backward()
+    if cfg.clip_grad:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), lr
+
+
+# -- the log -----------------------------------------------------------------------------------------------
+class TrainLog:
+    """The record of a run: log.jsonl and the progress bar (rank 0), throughput per log window (every rank).
+
+    Step losses stay on the device until ``flush`` (one sync per window, not per step). The time between
+    flushes is training time, except what ``restart_clock`` leaves out (evaluation, checkpoints); the first
+    window (warm-up, compilation) is left out of the final throughput when there is a later one.
+    """
+
+    def __init__(self, run: Run, start: Start):
+        self.run = run
+        self.file = None
+        if run.dist.main:
+            self.file = open(os.path.join(run.cfg.out, "log.jsonl"), "a" if start.resumed_from is not None else "w")
+        self.bar = None
+        if run.dist.main and run.cfg.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=run.total, initial=start.step, desc="train", unit="step", dynamic_ncols=True)
+        self.pending: list[tuple[int, torch.Tensor, float]] = []  # (step, loss, lr) not yet written
+        self.train_time = 0.0
+        self.window_images = 0
+        self.windows = 0
+        self.warm_time, self.warm_images = 0.0, 0  # throughput excluding the first window
+        self.last = dict(loss=float("nan"), img_per_s=0.0, tflops=0.0)
+        self.t_mark = time.perf_counter()
+
+    def step(self, step: int, loss: torch.Tensor, lr: float) -> None:
+        self.window_images += self.run.global_batch
+        self.pending.append((step, loss, lr))
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def flush(self) -> None:
+        """Close the window: one device sync for its losses, its throughput, its lines in log.jsonl."""
+        if not self.pending:
+            return
+        losses = torch.stack([p[1] for p in self.pending]).float().cpu().tolist()
+        dt = time.perf_counter() - self.t_mark
+        self.train_time += dt
+        self.windows += 1
+        if self.windows > 1:
+            self.warm_time += dt
+            self.warm_images += self.window_images
+        ips = self.window_images / dt if dt > 0 else 0.0
+        tfl = ips * self.run.train_flops_per_image / 1e12
+        self.last.update(loss=losses[-1], img_per_s=ips, tflops=tfl)
+        for (s, _, lr), loss in zip(self.pending, losses):
+            self._write(step=s, epoch=s / self.run.steps_per_epoch, loss=loss, lr=lr, img_per_s=round(ips, 2),
+                        tflops=round(tfl, 6))
+        self._postfix()
+        self.pending.clear()
+        self.window_images = 0
+        self.t_mark = time.perf_counter()
+
+    def evaluation(self, step: int, accuracy: float, loss: float) -> None:
+        self._write(step=step, test_accuracy=accuracy, test_loss=loss)
+        self._postfix(acc=f"{accuracy:.3f}")
+
+    def restart_clock(self) -> None:
+        """What happened since the last flush (evaluation, a checkpoint) is not training time."""
+        self.t_mark = time.perf_counter()
+
+    def img_per_s(self, images: int) -> float:
+        """Training throughput: after the first window when there was a later one, else over ``images``."""
+        if self.warm_time > 0:
+            return self.warm_images / self.warm_time
+        return images / self.train_time if self.train_time > 0 else 0.0
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def _write(self, **record) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def _postfix(self, **extra) -> None:
+        if self.bar is not None:
+            last = self.last
+            self.bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['img_per_s']:.0f}",
+                                 tflops=f"{last['tflops']:.3g}", **extra)
+
+
+def summary(run: Run, log: TrainLog, start: Start, step: int, test: tuple, wall_s: float) -> dict:
+    """The metrics of a finished run (metrics.json)."""
+    from vitkernels.backends import resolve as resolve_backend
+
+    cfg, device = run.cfg, run.device
+    images = step * run.global_batch
+    img_per_s = log.img_per_s((step - start.step) * run.global_batch)
+    achieved = img_per_s * run.train_flops_per_image
+    name = device_name(device)
+    return dict(
+        test_accuracy=test[0], test_loss=test[1], final_loss=log.last["loss"],
+        train_flops=run.train_flops_per_image * images, train_flops_per_image=run.train_flops_per_image,
+        hardware_flops_per_image=run.hw_flops_per_image, img_per_s=img_per_s, tflops=achieved / 1e12,
+        mfu=flopcount.mfu(achieved, name, precision(cfg.amp), run.peak) if run.peak else None,
+        peak_tflops=run.peak, wall_s=wall_s, train_time_s=start.train_time_s + log.train_time,
+        params=sum(p.numel() for p in run.model.parameters()), steps=step, epochs=step / run.steps_per_epoch,
+        steps_per_epoch=run.steps_per_epoch, images_seen=images, batch_size=run.batch,
+        global_batch_size=run.global_batch, world_size=run.dist.world_size, backend=cfg.backend,
+        backend_resolved={op: resolve_backend(op, cfg.backend, device)[0]
+                          for op in ("patch_embed", "layer_norm", "attention", "linear")},
+        device=name, amp=cfg.amp, compile=cfg.compile, grad_checkpointing=cfg.grad_checkpointing,
+        dataset=cfg.dataset, model=cfg.model, model_config=run.model_kw, resumed_from=start.resumed_from,
+        config={k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"},
+    )
 
 
 # -- the loop ----------------------------------------------------------------------------------------------
@@ -239,204 +430,44 @@ def train(config: TrainConfig | dict | None = None) -> dict:
 
 
 def _train(cfg: TrainConfig, dist: Dist, device: torch.device, t_start: float) -> dict:
-    from vitkernels.backends import resolve as resolve_backend
-    from vitkernels.nn import VisionTransformer
-
-    cfg = resolve(cfg, device)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    torch.manual_seed(cfg.seed)
-    data = datasets.load(cfg.dataset, seed=cfg.seed, img_size=cfg.img_size, device=device, workers=cfg.workers)
-    kw = model_kwargs(cfg, data)
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = VisionTransformer(**kw, backend=cfg.backend).to(device)
-    if cfg.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    torch.manual_seed(cfg.seed + dist.rank)  # dropout / stochastic depth differ across ranks
-    img_size = kw["img_size"]
-
-    # Steps: every rank sees ceil(n / world) samples per epoch (DistributedSampler), in full batches.
-    n_rank = math.ceil(len(data.train_y) / dist.world_size)
-    batch = min(cfg.batch_size, n_rank)
-    steps_per_epoch = n_rank // batch
-    total = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * steps_per_epoch))
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, min(200, total // 10))
-    eval_interval = cfg.eval_interval or steps_per_epoch
-    global_batch = batch * dist.world_size
-
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    net = model
-    if dist.enabled:
-        device_ids = [device.index] if device.type == "cuda" else None
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    if cfg.compile:
-        net = torch.compile(net)
-
-    train_flops_per_image = flopcount.count(model, training=True, recompute=False).total
-    hw_flops_per_image = flopcount.count(model, training=True).total  # with recompute under checkpointing
-    peak = cfg.peak_tflops if cfg.peak_tflops is not None else (
-        flopcount.peak_tflops(device_name(device), "fp32" if cfg.amp == "none" else cfg.amp)
-        if device.type == "cuda" else None)
-    params = sum(p.numel() for p in model.parameters())
-    run_id = dict(model=kw, dataset=cfg.dataset, batch_size=batch, world_size=dist.world_size, seed=cfg.seed,
-                  total_steps=total)
-
-    # Resume.
-    if dist.main:
-        os.makedirs(cfg.out, exist_ok=True)
-    ckpt_path = os.path.join(cfg.out, CHECKPOINT)
-    step, train_time_before, resumed_from = 0, 0.0, None
-    if cfg.resume:
-        path = ckpt_path if cfg.resume in ("auto", "latest", "1", "true") else cfg.resume
-        if os.path.exists(path):
-            state = ckpt.load(path, map_location=device)
-            mismatch = {k: (state["run"].get(k), v) for k, v in run_id.items() if state["run"].get(k) != v}
-            if mismatch:
-                raise ValueError(f"cannot resume from {path}: the run differs in {mismatch} (checkpoint, now)")
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            step = resumed_from = state["step"]
-            train_time_before = state["train_time_s"]
-            rng = state["rng"][dist.rank] if dist.rank < len(state["rng"]) else state["rng"][0]
-            ckpt.restore_rng(rng, device)
-        elif cfg.resume not in ("auto", "latest", "1", "true"):
-            raise FileNotFoundError(f"--resume {path}: no such checkpoint")
-        elif dist.main:
-            print(f"vitkernels train: no checkpoint at {path}; starting from step 0")
-
-    log = None
-    if dist.main:
-        log = open(os.path.join(cfg.out, "log.jsonl"), "a" if resumed_from is not None else "w")
-    bar = None
-    if dist.main and cfg.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
-
-    def save_checkpoint(step_now: int, images: int, train_time: float) -> None:
-        rngs = [ckpt.capture_rng(device)]
-        if dist.enabled:
-            rngs = [None] * dist.world_size
-            torch.distributed.all_gather_object(rngs, ckpt.capture_rng(device))
-            rngs = [{k: v.cpu() for k, v in r.items()} for r in rngs]
-        if dist.main:
-            ckpt.save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                  scaler=scaler.state_dict(), step=step_now, images_seen=images,
-                                  train_time_s=train_time, rng=rngs, run=run_id, config=dataclasses.asdict(cfg)),
-                             ckpt_path)
-
-    net.train()
-    pending: list[tuple[int, torch.Tensor, float]] = []  # (step, loss, lr) not yet logged (avoids a sync per step)
-    train_time = 0.0
-    window_images = 0
-    warm_time, warm_images = 0.0, 0  # throughput excluding the first log window (warm-up, compilation)
-    windows = 0
-    last = dict(loss=float("nan"), img_per_s=0.0, tflops=0.0)
-    test_acc, test_loss = None, None
-    order_epoch, order = -1, None
-    t_mark = time.perf_counter()
-
-    def flush() -> None:
-        nonlocal train_time, window_images, t_mark, windows, warm_time, warm_images
-        if not pending:
-            return
-        losses = torch.stack([p[1] for p in pending]).float().cpu().tolist()  # one sync for the window
-        now = time.perf_counter()
-        dt = now - t_mark
-        train_time += dt
-        windows += 1
-        if windows > 1:
-            warm_time += dt
-            warm_images += window_images
-        ips = window_images / dt if dt > 0 else 0.0
-        tfl = ips * train_flops_per_image / 1e12
-        last.update(loss=losses[-1], img_per_s=ips, tflops=tfl)
-        if log is not None:
-            for (s, _, lr), loss in zip(pending, losses):
-                log.write(json.dumps(dict(step=s, epoch=s / steps_per_epoch, loss=loss, lr=lr,
-                                          img_per_s=round(ips, 2), tflops=round(tfl, 6))) + "\n")
-            log.flush()
-        if bar is not None:
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{ips:.0f}", tflops=f"{tfl:.3g}")
-        pending.clear()
-        window_images = 0
-        t_mark = time.perf_counter()
-
-    while step < total:
-        epoch, i = divmod(step, steps_per_epoch)
-        if epoch != order_epoch:
-            order = datasets.epoch_indices(len(data.train_y), epoch, cfg.seed, dist.rank, dist.world_size)
-            order_epoch = epoch
-        idx = order[i * batch:(i + 1) * batch]
-        x, y = datasets.make_batch(data, idx, train=True, img_size=img_size,
-                                   generator=datasets.step_generator(device, cfg.seed, step, dist.rank))
-        lr = lr_at(step, total, cfg.lr, warmup, cfg.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with _autocast(device, cfg.amp):
-            logits = net(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-        scaler.scale(loss).backward()
-        if cfg.clip_grad:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window_images += global_batch
-        pending.append((step, loss.detach(), lr))
-        if bar is not None:
-            bar.update(1)
-        if cfg.debug_step_sleep:
-            time.sleep(cfg.debug_step_sleep)
-        boundary = step == total or step % eval_interval == 0 or (cfg.ckpt_interval and step % cfg.ckpt_interval == 0)
-        if boundary or len(pending) >= cfg.log_every:
-            flush()
-        if cfg.ckpt_interval and step % cfg.ckpt_interval == 0 and step < total:
-            save_checkpoint(step, step * global_batch, train_time_before + train_time)
-        if step % eval_interval == 0 or step == total:
-            test_acc, test_loss = evaluate(net, data, max(batch, 256), device, cfg.amp, img_size, dist)
-            if log is not None:
-                log.write(json.dumps(dict(step=step, test_accuracy=test_acc, test_loss=test_loss)) + "\n")
+    run = set_up(cfg, dist, device)
+    cfg = run.cfg
+    start = resume(run)
+    log = TrainLog(run, start)
+    try:
+        step, test = start.step, (None, None)
+        order_epoch, order = -1, None
+        run.net.train()
+        while step < run.total:
+            epoch, i = divmod(step, run.steps_per_epoch)
+            if epoch != order_epoch:
+                order = datasets.epoch_indices(len(run.data.train_y), epoch, cfg.seed, dist.rank, dist.world_size)
+                order_epoch = epoch
+            loss, lr = train_step(run, step, order[i * run.batch:(i + 1) * run.batch])
+            step += 1
+            log.step(step, loss, lr)
+            if cfg.debug_step_sleep:
+                time.sleep(cfg.debug_step_sleep)
+            checkpoint_due = bool(cfg.ckpt_interval) and step % cfg.ckpt_interval == 0
+            eval_due = step % run.eval_interval == 0 or step == run.total
+            if eval_due or checkpoint_due or len(log.pending) >= cfg.log_every:
                 log.flush()
-            if bar is not None:
-                bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['img_per_s']:.0f}",
-                                tflops=f"{last['tflops']:.3g}", acc=f"{test_acc:.3f}")
-        if boundary:
-            t_mark = time.perf_counter()  # eval and checkpoint time is not training time
-    flush()
-    if bar is not None:
-        bar.close()
-
-    if cfg.ckpt_interval:
-        save_checkpoint(step, step * global_batch, train_time_before + train_time)
-    images = step * global_batch
-    images_now = (step - (resumed_from or 0)) * global_batch
-    img_per_s = (warm_images / warm_time) if warm_time > 0 else (images_now / train_time if train_time > 0 else 0.0)
-    achieved = img_per_s * train_flops_per_image
-    metrics = dict(
-        test_accuracy=test_acc, test_loss=test_loss, final_loss=last["loss"],
-        train_flops=train_flops_per_image * images, train_flops_per_image=train_flops_per_image,
-        hardware_flops_per_image=hw_flops_per_image, img_per_s=img_per_s, tflops=achieved / 1e12,
-        mfu=flopcount.mfu(achieved, device_name(device), "fp32" if cfg.amp == "none" else cfg.amp, peak)
-        if peak else None,
-        peak_tflops=peak, wall_s=time.perf_counter() - t_start, train_time_s=train_time_before + train_time,
-        params=params, steps=step, epochs=step / steps_per_epoch, steps_per_epoch=steps_per_epoch,
-        images_seen=images, batch_size=batch, global_batch_size=global_batch, world_size=dist.world_size,
-        backend=cfg.backend,
-        backend_resolved={op: resolve_backend(op, cfg.backend, device)[0]
-                          for op in ("patch_embed", "layer_norm", "attention", "linear")},
-        device=device_name(device), amp=cfg.amp, compile=cfg.compile, grad_checkpointing=cfg.grad_checkpointing,
-        dataset=cfg.dataset, model=cfg.model, model_config=kw, resumed_from=resumed_from,
-        config={k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"},
-    )
-    if dist.main:
-        torch.save(model.state_dict(), os.path.join(cfg.out, "model.pt"))
-        with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2, default=str)
+            if checkpoint_due and step < run.total:
+                save_checkpoint(run, step, start.train_time_s + log.train_time)
+            if eval_due:
+                test = evaluate(run.net, run.data, max(run.batch, 256), device, cfg.amp, run.img_size, dist)
+                log.evaluation(step, *test)
+            if eval_due or checkpoint_due:
+                log.restart_clock()  # eval and checkpoint time is not training time
+        log.flush()
         log.close()
-    return metrics
+        if cfg.ckpt_interval:
+            save_checkpoint(run, step, start.train_time_s + log.train_time)
+        metrics = summary(run, log, start, step, test, time.perf_counter() - t_start)
+        if dist.main:
+            torch.save(run.model.state_dict(), os.path.join(cfg.out, "model.pt"))
+            with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
+                json.dump(metrics, f, indent=2, default=str)
+        return metrics
+    finally:
+        log.close()
