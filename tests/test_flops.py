@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import vitkernels
 from vitkernels import flops
+from vitkernels.experiments import mfu
 from vitkernels.backends import OPS, why_not
 
 
@@ -89,19 +90,19 @@ def test_agrees_with_flop_counter_mode_torch_backend():
 
 
 def test_peak_table_and_mfu():
-    assert flops.peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
-    assert flops.peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
-    assert flops.peak_tflops("NVIDIA H200", "fp16") == 989.0
-    assert flops.peak_tflops("NVIDIA A100-SXM4-80GB", torch.bfloat16) == 312.0
-    assert flops.peak_tflops("NVIDIA L40S", "bf16") == 362.0
-    assert flops.peak_tflops("NVIDIA GeForce RTX 4090", "bf16") == 165.0
-    assert flops.peak_tflops("Some Unknown Accelerator", "bf16") is None
-    assert flops.peak_tflops(None) is None
-    assert flops.mfu(494.5e12, "NVIDIA H100 80GB HBM3", "bf16") == pytest.approx(0.5)
-    assert flops.mfu(100e12, "anything", "bf16", peak=200.0) == pytest.approx(0.5)  # the --peak-tflops override
-    assert flops.mfu(1e12, "cpu", "bf16") is None
+    assert mfu.peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
+    assert mfu.peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
+    assert mfu.peak_tflops("NVIDIA H200", "fp16") == 989.0
+    assert mfu.peak_tflops("NVIDIA A100-SXM4-80GB", torch.bfloat16) == 312.0
+    assert mfu.peak_tflops("NVIDIA L40S", "bf16") == 362.0
+    assert mfu.peak_tflops("NVIDIA GeForce RTX 4090", "bf16") == 165.0
+    assert mfu.peak_tflops("Some Unknown Accelerator", "bf16") is None
+    assert mfu.peak_tflops(None) is None
+    assert mfu.mfu(494.5e12, "NVIDIA H100 80GB HBM3", "bf16") == pytest.approx(0.5)
+    assert mfu.mfu(100e12, "anything", "bf16", peak=200.0) == pytest.approx(0.5)  # the --peak-tflops override
+    assert mfu.mfu(1e12, "cpu", "bf16") is None
     with pytest.raises(ValueError, match="unknown dtype"):
-        flops.peak_tflops("NVIDIA H100", "int3")
+        mfu.peak_tflops("NVIDIA H100", "int3")
 
 
 def _triton_ready() -> str | None:

@@ -13,7 +13,7 @@ under ``torch.inference_mode``. Timing: ``--warmup`` steps first (compilation, a
 not timed), then ``--repeats`` timings of ``--iters`` steps each, with CUDA events on a GPU
 (time.perf_counter on a CPU); the row reports the median and the spread (min, max) of ms per step. TFLOP/s
 are model FLOPs (``vitkernels.flops.count``: 3x forward for training, whatever the provider recomputes)
-divided by time, MFU against ``vitkernels.flops.PEAK_TFLOPS``. A provider that cannot run is a row with
+divided by time, MFU against ``vitkernels.experiments.mfu.PEAK_TFLOPS``. A provider that cannot run is a row with
 ``skipped`` set to the reason.
 
 Default: on a GPU vit_base_patch16_224 at 224, bf16, batch 256; on a CPU a tiny ViT (depth 4) at 32 px in
@@ -34,7 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from vitkernels.experiments import harness
+from vitkernels.experiments import harness, mfu
 from vitkernels.experiments.cli import ArgumentParser
 from vitkernels.experiments.env import DTYPES, autocast, device_name
 
@@ -229,7 +229,7 @@ def run(args: argparse.Namespace) -> dict:
     cfg = model_kwargs(args)
     name = device_name(device)
     peak = args.peak_tflops if args.peak_tflops is not None else (
-        flops.peak_tflops(name, args.dtype) if device.type == "cuda" else None)
+        mfu.peak_tflops(name, args.dtype) if device.type == "cuda" else None)
     modes = MODES if args.mode == "both" else (args.mode,)
     results = []
     for mode in modes:
@@ -255,7 +255,7 @@ def run(args: argparse.Namespace) -> dict:
                 ips = args.batch_size * 1e3 / row["ms_per_step"]
                 row["img_per_s"] = ips
                 row["tflops"] = ips * fl / 1e12
-                row["mfu"] = flops.mfu(ips * fl, name, args.dtype, peak) if peak else None
+                row["mfu"] = mfu.mfu(ips * fl, name, args.dtype, peak) if peak else None
                 if provider == "timm-eager":
                     eager_ips = ips
                 row["speedup_vs_eager"] = ips / eager_ips if eager_ips else None

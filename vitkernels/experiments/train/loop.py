@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from vitkernels import flops as flopcount
 from vitkernels.experiments import data as datasets
+from vitkernels.experiments import mfu
 from vitkernels.experiments.env import autocast, device_name, precision
 from vitkernels.experiments.train import checkpoint as ckpt
 from vitkernels.experiments.train.config import RESUME_AUTO, TrainConfig, resolve
@@ -210,7 +211,7 @@ def set_up(cfg: TrainConfig, dist: Dist, device: torch.device) -> Run:
         net = torch.compile(net)
 
     peak = cfg.peak_tflops if cfg.peak_tflops is not None else (
-        flopcount.peak_tflops(device_name(device), precision(cfg.amp)) if device.type == "cuda" else None)
+        mfu.peak_tflops(device_name(device), precision(cfg.amp)) if device.type == "cuda" else None)
     if dist.main:
         os.makedirs(cfg.out, exist_ok=True)
     return Run(
@@ -401,7 +402,7 @@ def summary(run: Run, log: TrainLog, start: Start, step: int, test: tuple, wall_
         test_accuracy=test[0], test_loss=test[1], final_loss=log.last["loss"],
         train_flops=run.train_flops_per_image * images, train_flops_per_image=run.train_flops_per_image,
         hardware_flops_per_image=run.hw_flops_per_image, img_per_s=img_per_s, tflops=achieved / 1e12,
-        mfu=flopcount.mfu(achieved, name, precision(cfg.amp), run.peak) if run.peak else None,
+        mfu=mfu.mfu(achieved, name, precision(cfg.amp), run.peak) if run.peak else None,
         peak_tflops=run.peak, wall_s=wall_s, train_time_s=start.train_time_s + log.train_time,
         params=sum(p.numel() for p in run.model.parameters()), steps=step, epochs=step / run.steps_per_epoch,
         steps_per_epoch=run.steps_per_epoch, images_seen=images, batch_size=run.batch,
