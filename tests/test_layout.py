@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vitkernels.backends import OPS
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "vitkernels"
 EXPERIMENTS = "vitkernels.experiments"
@@ -20,7 +22,7 @@ EXPERIMENTS = "vitkernels.experiments"
 FRONT_DOOR = {PACKAGE / "__main__.py"}
 # Importing these loads the extension (a JIT build, minutes, where setup.py did not build it): the run-time
 # check leaves them to the static one.
-LOADS_EXTENSION = {f"vitkernels.cuda.{op}" for op in ("attention", "layer_norm", "linear", "patch_embed")}
+LOADS_EXTENSION = {f"vitkernels.cuda.{op}" for op in OPS}
 
 
 def library_files() -> list[Path]:

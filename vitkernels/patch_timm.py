@@ -31,7 +31,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from vitkernels import ops
-from vitkernels.backends import BackendError, check_name, resolve
+from vitkernels.backends import OPS, BackendError, check_name, resolve
 from vitkernels.convert import timm_vit_config
 from vitkernels.nn.attention import attention_forward
 from vitkernels.nn.block import block_forward
@@ -152,7 +152,7 @@ def patch_timm(model: nn.Module, backend: str = "auto") -> nn.Module:
     # Probe the backends now, outside any torch.compile trace (probing imports modules, which dynamo cannot
     # trace). A backend that cannot run here raises at the first forward, with its reason.
     device = model.pos_embed.device
-    for op in ("patch_embed", "layer_norm", "attention", "linear"):
+    for op in OPS:
         try:
             resolve(op, backend, device)
         except BackendError:

@@ -27,9 +27,7 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +38,6 @@ from vitkernels.experiments.env import DTYPES, autocast, device_name
 
 PROVIDERS = ("timm-eager", "timm-compile", "vitkernels-torch", "vitkernels-triton", "vitkernels-cuda")
 MODES = ("train", "infer")
-OPS = ("patch_embed", "layer_norm", "attention", "linear")
 
 GPU_DEFAULT = dict(model="vit_base_patch16_224", img_size=224, batch_size=256, dtype="bf16", repeats=5,
                    warmup=3, iters=10)
@@ -88,7 +85,7 @@ def why_skip(provider: str, device: torch.device) -> str | None:
     why = harness.why_skip(backend, device)
     if why is not None:
         return why
-    from vitkernels.backends import get_impl
+    from vitkernels.backends import OPS, get_impl
 
     missing = [op for op in OPS if get_impl(backend).get_op(op) is None]
     return f"the {backend} backend has no {', '.join(missing)} op yet" if missing else None
@@ -105,27 +102,6 @@ def build(provider: str, cfg: dict, device: torch.device) -> torch.nn.Module:
     from vitkernels import VisionTransformer
 
     return VisionTransformer(**cfg, backend=provider.split("-", 1)[1]).to(device)
-
-
-class Timer:
-    """ms per call of a function, timed over ``iters`` calls, with CUDA events on a GPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def __call__(self, fn, iters: int) -> float:
-        if self.device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / iters
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        return (time.perf_counter() - t0) * 1e3 / iters
 
 
 def make_step(provider: str, mode: str, cfg: dict, batch: int, dtype: str, device: torch.device, seed: int = 0):
@@ -158,23 +134,14 @@ def make_step(provider: str, mode: str, cfg: dict, batch: int, dtype: str, devic
 
 def time_provider(provider: str, mode: str, cfg: dict, batch: int, dtype: str, device: torch.device,
                   repeats: int, iters: int, warmup: int, seed: int) -> dict:
-    """Time one provider in one mode; returns the measured fields of a result row."""
+    """Time one provider in one mode (``harness.time_steps``); returns the measured fields of a result row."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     step = make_step(provider, mode, cfg, batch, dtype, device, seed)
-    t0 = time.perf_counter()
-    for _ in range(max(1, warmup)):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    warmup_s = time.perf_counter() - t0
-    timer = Timer(device)
-    ms = [timer(step, iters) for _ in range(repeats)]
-    peak_mem = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    med = statistics.median(ms)
-    return dict(ms_per_step=med, ms_min=min(ms), ms_max=max(ms), spread_pct=100 * (max(ms) - min(ms)) / med,
-                ms_all=ms, warmup_s=warmup_s, peak_mem_mb=peak_mem)
+    row = harness.time_steps(step, device, repeats=repeats, iters=iters, warmup=warmup)
+    row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return row
 
 
 def _free(device: torch.device) -> None:

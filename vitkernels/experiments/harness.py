@@ -9,8 +9,11 @@ A benchmark file is its cases and their FLOP / byte formulas; this module does t
                 bwd       the backward alone: autograd.grad on a retained graph, w.r.t. every input that
                           requires a gradient
                 fwd+bwd   forward and backward, gradients reset to None between calls
-    timing      ``triton.testing.do_bench``: warm-up (compilation, autotuning) outside the timing, then the
-                median and the 20th / 80th percentiles in ms; a test passes its own timer
+    timing      ops: ``triton.testing.do_bench``: warm-up (compilation, autotuning) outside the timing, then
+                the median and the 20th / 80th percentiles in ms; a test passes its own timer.
+                whole training / inference steps (the model bench, which also runs on a CPU): ``time_steps``,
+                repeats of ``iters`` steps timed with CUDA events (time.perf_counter on a CPU), median
+                and spread
     units       TFLOP/s from the case's FLOP formula and GB/s from its bytes moved, per mode; the speed-up
                 against the "torch" provider
     metadata    one row per run: device, dtype, versions, commit, date, timing (``metadata``); every result
@@ -28,7 +31,9 @@ import datetime
 import functools
 import json
 import os
+import statistics
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -116,6 +121,38 @@ def do_bench(fn: Callable[[], object], grad_to_none: list) -> tuple[float, float
     from triton.testing import do_bench as triton_do_bench
 
     return tuple(triton_do_bench(fn, grad_to_none=grad_to_none or None, quantiles=list(QUANTILES)))
+
+
+def time_steps(step: Callable[[], object], device: torch.device, *, repeats: int, iters: int, warmup: int
+               ) -> dict:
+    """Time whole steps: ``warmup`` untimed calls, then ``repeats`` timings of ``iters`` calls each, with CUDA
+    events on a GPU and time.perf_counter on a CPU. Returns ms_per_step (median), ms_min, ms_max,
+    spread_pct, ms_all and warmup_s."""
+    t0 = time.perf_counter()
+    for _ in range(max(1, warmup)):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    warmup_s = time.perf_counter() - t0
+    ms = [_ms_per_call(step, iters, device) for _ in range(repeats)]
+    med = statistics.median(ms)
+    return dict(ms_per_step=med, ms_min=min(ms), ms_max=max(ms), spread_pct=100 * (max(ms) - min(ms)) / med,
+                ms_all=ms, warmup_s=warmup_s)
+
+
+def _ms_per_call(fn: Callable[[], object], iters: int, device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / iters
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / iters
 
 
 def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:

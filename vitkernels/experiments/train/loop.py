@@ -391,7 +391,7 @@ class TrainLog:
 
 def summary(run: Run, log: TrainLog, start: Start, step: int, test: tuple, wall_s: float) -> dict:
     """The metrics of a finished run (metrics.json)."""
-    from vitkernels.backends import resolve as resolve_backend
+    from vitkernels.backends import OPS, resolve as resolve_backend
 
     cfg, device = run.cfg, run.device
     images = step * run.global_batch
@@ -408,7 +408,7 @@ def summary(run: Run, log: TrainLog, start: Start, step: int, test: tuple, wall_
         steps_per_epoch=run.steps_per_epoch, images_seen=images, batch_size=run.batch,
         global_batch_size=run.global_batch, world_size=run.dist.world_size, backend=cfg.backend,
         backend_resolved={op: resolve_backend(op, cfg.backend, device)[0]
-                          for op in ("patch_embed", "layer_norm", "attention", "linear")},
+                          for op in OPS},
         device=name, amp=cfg.amp, compile=cfg.compile, grad_checkpointing=cfg.grad_checkpointing,
         dataset=cfg.dataset, model=cfg.model, model_config=run.model_kw, resumed_from=start.resumed_from,
         config={k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"},
