@@ -1,6 +1,7 @@
 """``python -m vitkernels train``: every dataset kind, metrics.json, learning above chance, bad input, exact
 resume after SIGKILL, and 2-rank DistributedDataParallel on CPU (gloo). Tiny models, few steps, CPU."""
 
+import io
 import json
 import os
 import signal
@@ -142,6 +143,85 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs after resume"
+
+
+RESUME_RUN = dict(TINY, dataset="digits", steps=12, ckpt_interval=4, eval_interval=6, deterministic=True, seed=3,
+                  drop_path_rate=0.1, batch_size=16)
+
+
+def _weights(path):
+    return torch.load(path / "model.pt")
+
+
+@requires("sklearn")
+def test_resume_of_a_finished_run_keeps_what_it_produced(tmp_path, capsys):
+    """Resuming a run whose last checkpoint is its final step (resumed twice, or killed after that checkpoint)
+    reports it complete, exits 0, and leaves metrics.json and model.pt as they were (restored if lost)."""
+    run = dict(RESUME_RUN, out=str(tmp_path))
+    first = train(run)
+    files = {name: (tmp_path / name).read_bytes() for name in ("metrics.json", "model.pt")}
+    capsys.readouterr()
+    for _ in range(2):
+        again = train(dict(run, resume="auto"))
+        assert again == first
+        assert {name: (tmp_path / name).read_bytes() for name in files} == files
+        assert "is complete (12 steps)" in capsys.readouterr().out
+    (tmp_path / "metrics.json").unlink()
+    (tmp_path / "model.pt").unlink()
+    assert main(TINY_ARGS[:-2] + ["--dataset", "digits", "--out", str(tmp_path), "--resume"] +
+                ["--steps", "12", "--ckpt-interval", "4", "--eval-interval", "6",
+                 "--deterministic", "--seed", "3", "--drop-path", "0.1"]) == 0
+    assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads(files["metrics.json"])
+    ref = _weights(tmp_path)
+    assert all(torch.equal(ref[k], v) for k, v in torch.load(io.BytesIO(files["model.pt"])).items())
+
+
+class _Killed(Exception):
+    """Stands for a kill at one point of a run: what is on disk is what a SIGKILL there would leave."""
+
+
+@requires("sklearn")
+@pytest.mark.parametrize("where", ["right_after_a_checkpoint", "during_the_final_evaluation", "during_the_export"])
+def test_resume_after_a_kill_finishes_the_run(tmp_path, monkeypatch, where):
+    """Killed right after a checkpoint, during the final evaluation or during the export, a resumed run ends with
+    the uninterrupted run's weights (bit for bit, CPU) and test accuracy, and writes metrics.json."""
+    from vitkernels.experiments.train import checkpoint, loop
+
+    ref = train(dict(RESUME_RUN, out=str(tmp_path / "ref")))
+    out = tmp_path / where
+    if where == "right_after_a_checkpoint":
+        save = loop.save_checkpoint
+
+        def killed_after(run, step, *args, **kwargs):
+            save(run, step, *args, **kwargs)
+            if step == 8:
+                raise _Killed
+
+        monkeypatch.setattr(loop, "save_checkpoint", killed_after)
+    elif where == "during_the_final_evaluation":
+        evaluate, calls = loop.evaluate, []
+
+        def killed_in_second(*args, **kwargs):  # evaluations at steps 6 and 12
+            calls.append(1)
+            if len(calls) == 2:
+                raise _Killed
+            return evaluate(*args, **kwargs)
+
+        monkeypatch.setattr(loop, "evaluate", killed_in_second)
+    else:
+        def killed_writing(obj, path):
+            raise _Killed
+
+        monkeypatch.setattr(checkpoint, "save_json_atomic", killed_writing)  # model.pt written, metrics.json not
+    with pytest.raises(_Killed):
+        train(dict(RESUME_RUN, out=str(out)))
+    assert not (out / "metrics.json").exists()
+    monkeypatch.undo()
+    m = train(dict(RESUME_RUN, out=str(out), resume="auto"))
+    assert m["resumed_from"] == 8 and m["steps"] == 12 and m["test_accuracy"] == ref["test_accuracy"]
+    assert json.loads((out / "metrics.json").read_text())["test_accuracy"] == ref["test_accuracy"]
+    a, b = _weights(tmp_path / "ref"), _weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _free_port() -> int:

@@ -4,6 +4,7 @@ new one, never a torn file."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 
@@ -12,12 +13,21 @@ import torch
 
 def save_atomic(obj, path: str) -> None:
     """torch.save ``obj`` to ``path`` atomically (temp file + fsync + os.replace + directory fsync)."""
+    _write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def save_json_atomic(obj, path: str) -> None:
+    """``obj`` as indented JSON in ``path``, atomically (as ``save_atomic``)."""
+    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
+
+
+def _write_atomic(path: str, write) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path), dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

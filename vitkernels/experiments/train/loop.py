@@ -233,6 +233,7 @@ class Start:
     step: int = 0
     train_time_s: float = 0.0  # training time of the run before this process
     resumed_from: int | None = None
+    metrics: dict | None = None  # the final checkpoint of a finished run holds its metrics: nothing is left
 
 
 def resume(run: Run) -> Start:
@@ -257,11 +258,19 @@ def resume(run: Run) -> Start:
     run.scaler.load_state_dict(state["scaler"])
     rng = state["rng"][dist.rank] if dist.rank < len(state["rng"]) else state["rng"][0]
     ckpt.restore_rng(rng, run.device)
-    return Start(state["step"], state["train_time_s"], state["step"])
+    metrics = state.get("metrics")
+    done = os.path.join(cfg.out, "metrics.json")
+    if metrics is None and state["step"] >= run.total and os.path.exists(done):
+        # A final checkpoint from before checkpoints carried metrics: the run's own metrics.json, if finished.
+        with open(done) as f:
+            metrics = json.load(f)
+        metrics = metrics if metrics.get("steps") == run.total and metrics.get("test_accuracy") is not None else None
+    return Start(state["step"], state["train_time_s"], state["step"], metrics)
 
 
-def save_checkpoint(run: Run, step: int, train_time_s: float) -> None:
-    """Every rank's RNG state gathered to rank 0, which writes the checkpoint atomically."""
+def save_checkpoint(run: Run, step: int, train_time_s: float, metrics: dict | None = None) -> None:
+    """Every rank's RNG state gathered to rank 0, which writes the checkpoint atomically. The final one, written
+    after model.pt and metrics.json, carries the metrics: a resume from it finds the run complete."""
     dist, device = run.dist, run.device
     rngs = [ckpt.capture_rng(device)]
     if dist.enabled:
@@ -272,7 +281,7 @@ def save_checkpoint(run: Run, step: int, train_time_s: float) -> None:
         ckpt.save_atomic(dict(model=run.model.state_dict(), optimizer=run.optimizer.state_dict(),
                               scaler=run.scaler.state_dict(), step=step, images_seen=step * run.global_batch,
                               train_time_s=train_time_s, rng=rngs, run=run.run_id,
-                              config=dataclasses.asdict(run.cfg)),
+                              config=dataclasses.asdict(run.cfg), metrics=metrics),
                          run.ckpt_path)
 
 
@@ -434,6 +443,8 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device, t_start: float) -
     run = set_up(cfg, dist, device)
     cfg = run.cfg
     start = resume(run)
+    if start.metrics is not None:
+        return _complete(run, start)
     log = TrainLog(run, start)
     try:
         step, test = start.step, (None, None)
@@ -462,13 +473,30 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device, t_start: float) -
                 log.restart_clock()  # eval and checkpoint time is not training time
         log.flush()
         log.close()
-        if cfg.ckpt_interval:
-            save_checkpoint(run, step, start.train_time_s + log.train_time)
+        if test[0] is None:  # resumed at the last step of a run killed before its evaluation
+            test = evaluate(run.net, run.data, max(run.batch, 256), device, cfg.amp, run.img_size, dist)
         metrics = summary(run, log, start, step, test, time.perf_counter() - t_start)
+        # Export first, then the final checkpoint that says so: a run killed before that checkpoint resumes
+        # from the previous one and redoes what was left (training steps, evaluation, export); one killed after
+        # it is complete. Each file is written atomically.
         if dist.main:
-            torch.save(run.model.state_dict(), os.path.join(cfg.out, "model.pt"))
-            with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
-                json.dump(metrics, f, indent=2, default=str)
+            ckpt.save_atomic(run.model.state_dict(), os.path.join(cfg.out, "model.pt"))
+            ckpt.save_json_atomic(metrics, os.path.join(cfg.out, "metrics.json"))
+        if cfg.ckpt_interval:
+            save_checkpoint(run, step, start.train_time_s + log.train_time, metrics)
         return metrics
     finally:
         log.close()
+
+
+def _complete(run: Run, start: Start) -> dict:
+    """A resume of a finished run: restore model.pt / metrics.json from the final checkpoint where they are
+    missing (they were written before it, so normally both are there), and return the run's metrics."""
+    out, metrics = run.cfg.out, start.metrics
+    if run.dist.main:
+        if not os.path.exists(os.path.join(out, "model.pt")):
+            ckpt.save_atomic(run.model.state_dict(), os.path.join(out, "model.pt"))
+        if not os.path.exists(os.path.join(out, "metrics.json")):
+            ckpt.save_json_atomic(metrics, os.path.join(out, "metrics.json"))
+        print(f"vitkernels train: the run in {out} is complete ({start.step} steps); nothing left to do")
+    return metrics
