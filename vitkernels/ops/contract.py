@@ -163,10 +163,5 @@ def _register_flops(contract: OpContract, namespace: str) -> None:
                 raise
 
 
-def empty(like: torch.Tensor) -> torch.Tensor:
-    """The (0,) tensor an op returns for an output it was not asked for (a schema cannot return None)."""
-    return like.new_empty((0,))
-
-
 def or_none(t: torch.Tensor, wanted: bool) -> torch.Tensor | None:
     return t if wanted else None
