@@ -78,11 +78,41 @@ def _patch_embed_case(cls, pos_rows):
     return (images, w, b, pos, c), bwd
 
 
+def _ln_linear_case(affine, bias):
+    x, w = _leaf(21, 16), _leaf(12, 16)
+    lw, lb = (_leaf(16), _leaf(16)) if affine else (None, None)
+    b = _leaf(12) if bias else None
+
+    def bwd(out):
+        y, mean, rstd = out
+        mask = [True, affine, affine, True, bias]
+        return (torch.randn_like(y), x.detach(), None if lw is None else lw.detach(),
+                None if lb is None else lb.detach(), mean, rstd, w.detach(), mask)
+
+    return (x, lw, lb, 1e-5, w, b), bwd
+
+
+def _ln_mlp_case(affine, bias, add_input):
+    x, w1, w2 = _leaf(21, 16), _leaf(40, 16), _leaf(16, 40)
+    lw, lb = (_leaf(16), _leaf(16)) if affine else (None, None)
+    b1, b2 = (_leaf(40), _leaf(16)) if bias else (None, None)
+
+    def bwd(out):
+        y, z, mean, rstd = out
+        mask = [True, affine, affine, True, bias, True, bias]
+        return (torch.randn_like(y), x.detach(), None if lw is None else lw.detach(),
+                None if lb is None else lb.detach(), mean, rstd, w1.detach(), w2.detach(), z, add_input, mask)
+
+    return (x, lw, lb, 1e-5, w1, b1, w2, b2, add_input), bwd
+
+
 CASES = {
     "layer_norm": [(_layer_norm_case, (True, True)), (_layer_norm_case, (False, False))],
     "linear": [(_linear_case, (True, True, True)), (_linear_case, (False, False, False))],
     "attention": [(_attention_case, ())],
     "patch_embed": [(_patch_embed_case, (True, "N+1")), (_patch_embed_case, (False, None))],
+    "ln_linear": [(_ln_linear_case, (True, True)), (_ln_linear_case, (False, False))],
+    "ln_mlp": [(_ln_mlp_case, (True, True, True)), (_ln_mlp_case, (False, False, False))],
 }
 # test_aot_dispatch_dynamic costs seconds per call on a small CPU: the first case of each op runs it.
 FULL = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")

@@ -82,8 +82,9 @@ def test_patched_logits_and_grads_match_timm(name):
             assert _rel_err(grads[n], g) <= 1e-4, (mode, n)
 
 
-def test_forward_runs_through_vitkernels_ops(monkeypatch):
-    model = vitkernels.patch_timm(_timm(**dict(TINY, global_pool="avg")).eval(), backend="torch")
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "per_op"])
+def test_forward_runs_through_vitkernels_ops(monkeypatch, lean):
+    model = vitkernels.patch_timm(_timm(**dict(TINY, global_pool="avg")).eval(), backend="torch", lean=lean)
     calls = {}
     for op in OPS:
         fn = getattr(vitkernels.ops, op)
@@ -96,8 +97,12 @@ def test_forward_runs_through_vitkernels_ops(monkeypatch):
     with torch.no_grad():
         model(_images(TINY))
     depth = TINY["depth"]
-    # per block: 2 LayerNorms, qkv/proj/fc1/fc2; plus the embedding, fc_norm and the head
-    assert calls == {"patch_embed": 1, "layer_norm": 2 * depth + 1, "attention": depth, "linear": 4 * depth + 1}
+    if lean:  # per block: norm1 + qkv, attention, proj, norm2 + MLP; plus the embedding, fc_norm and the head
+        assert calls == {"patch_embed": 1, "layer_norm": 1, "ln_linear": depth, "attention": depth,
+                         "linear": depth + 1, "ln_mlp": depth}
+    else:  # per block: 2 LayerNorms, qkv/proj/fc1/fc2; plus the embedding, fc_norm and the head
+        assert calls == {"patch_embed": 1, "layer_norm": 2 * depth + 1, "attention": depth,
+                         "linear": 4 * depth + 1}
 
     calls.clear()
     unpatch_timm(model)

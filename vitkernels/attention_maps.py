@@ -70,13 +70,16 @@ def attention_maps(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]
             maps.append(_layer_probs(module, args[0]).to(images.device))
 
     handles = []
+    lean = [getattr(block, "lean", False) for block in model.blocks]
     try:
         for block in model.blocks:
             handles.append(block.attn.register_forward_hook(hook))
+            block.lean = False  # the lean path fuses norm1 into qkv and never calls attn: no hook would fire
         model(images)
     finally:
-        for handle in handles:
+        for handle, block, was in zip(handles, model.blocks, lean):
             handle.remove()
+            block.lean = was
     return maps
 
 

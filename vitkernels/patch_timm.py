@@ -11,10 +11,15 @@ vitkernels' own modules run (``block_forward``, ``attention_forward``, ``mlp_for
 which call ``vitkernels.ops`` with the timm modules' own parameters:
 
     patch embed + class token + position embedding   one ops.patch_embed
-    LayerNorm (norm1, norm2, norm_pre, norm, fc_norm, q/k norm)   ops.layer_norm (norm2 fused with the first
-                                                     residual add when LayerScale / stochastic depth is active)
-    qkv, proj (+ residual), fc1 (+ GELU), fc2 (+ residual), head  ops.linear with fused epilogues
+    norm1 + qkv                                      ops.ln_linear (LayerNorm fused into the GEMM)
     attention                                        ops.attention on strided views of the qkv output
+    proj (+ residual)                                ops.linear with the residual add in its epilogue
+    norm2 + fc1 + GELU + fc2 (+ residual)            ops.ln_mlp, one op (only z = fc1's pre-activation is
+                                                     stored between the GEMMs)
+    other LayerNorms (norm_pre, norm, fc_norm, q/k norm), head   ops.layer_norm, ops.linear
+
+With ``lean=False`` the blocks call every submodule instead (ops.layer_norm for norm1 / norm2, ops.linear for
+qkv, fc1 + GELU, fc2), saving what timm saves for the backward; see vitkernels/nn/block.py.
 
 Attention dropout during training uses PyTorch's SDPA (no fused kernel implements it). A block called with
 ``attn_mask`` / ``is_causal`` (timm's masked forward) runs timm's own block code. Configurations that
@@ -41,6 +46,7 @@ __all__ = ["patch_timm", "unpatch_timm", "is_patched"]
 
 _BACKEND = "_vitkernels_backend"  # attribute set on every patched module
 _PATCHED = "_vitkernels_patched"  # names of the methods bound on a patched module
+_LEAN = "_vitkernels_lean"  # set on every patched Block: run vitkernels' memory-lean block path
 
 
 def _bind(module: nn.Module, name: str, fn, backend: str) -> None:
@@ -73,7 +79,7 @@ def _block_forward(self: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | N
                    is_causal: bool = False) -> torch.Tensor:
     if attn_mask is not None or is_causal:  # masked attention: timm's own code (its norms stay patched)
         return type(self).forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
-    return block_forward(self, x, getattr(self, _BACKEND))
+    return block_forward(self, x, getattr(self, _BACKEND), getattr(self, _LEAN, True))
 
 
 def _embed(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -124,12 +130,14 @@ def is_patched(model: nn.Module) -> bool:
     return _PATCHED in model.__dict__
 
 
-def patch_timm(model: nn.Module, backend: str = "auto") -> nn.Module:
+def patch_timm(model: nn.Module, backend: str = "auto", lean: bool = True) -> nn.Module:
     """Run a timm ``VisionTransformer`` on vitkernels ops, in place; returns the same model.
 
     Args:
         model: ``timm.models.vision_transformer.VisionTransformer``.
         backend: 'auto' | 'triton' | 'cuda' | 'torch' for every op. Patching a patched model changes the backend.
+        lean: the memory-lean blocks (vitkernels/nn/block.py: norm1 fused into qkv, norm2 + MLP one op; hooks
+            on norm1 / attn / norm2 / mlp do not fire). False: every submodule's forward is called.
 
     Raises:
         TypeError for another model type; ``vitkernels.convert.UnsupportedModelError`` naming an unsupported
@@ -144,6 +152,7 @@ def patch_timm(model: nn.Module, backend: str = "auto") -> nn.Module:
             _bind(m, "forward", _layer_norm_forward, backend)
     for blk in model.blocks:
         _bind(blk, "forward", _block_forward, backend)
+        setattr(blk, _LEAN, lean)
         _bind(blk.attn, "forward", _attention_forward, backend)
         _bind(blk.mlp, "forward", _mlp_forward, backend)
     if isinstance(model.head, nn.Linear):
@@ -166,4 +175,5 @@ def unpatch_timm(model: nn.Module) -> nn.Module:
         for name in m.__dict__.pop(_PATCHED, ()):
             m.__dict__.pop(name, None)
         m.__dict__.pop(_BACKEND, None)
+        m.__dict__.pop(_LEAN, None)
     return model

@@ -50,8 +50,16 @@ def attention_forward(attn: nn.Module, x: torch.Tensor, residual: torch.Tensor |
     """x (B, N, C) -> proj(attention(x)) [+ residual], for any module with timm's Attention attribute names
     (``qkv``, ``q_norm``, ``k_norm``, ``attn_drop``, ``proj``, ``proj_drop``, ``num_heads``, ``head_dim``,
     ``scale``): this Attention, and timm's own under ``vitkernels.patch_timm``."""
-    B, N, C = x.shape
     qkv = ops.linear(x, attn.qkv.weight, attn.qkv.bias, backend=backend)  # (B, N, 3C)
+    return attention_from_qkv(attn, qkv, residual, backend)
+
+
+def attention_from_qkv(attn: nn.Module, qkv: torch.Tensor, residual: torch.Tensor | None,
+                       backend: str) -> torch.Tensor:
+    """qkv (B, N, 3C), the qkv projection's output -> proj(attention) [+ residual] (B, N, C). The lean block
+    (vitkernels/nn/block.py) computes qkv with its LayerNorm fused in and continues here."""
+    B, N, C3 = qkv.shape
+    C = C3 // 3
     q, k, v = qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim).unbind(2)  # each (B, N, H, D), strided
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, D) views
     q, k = attn.q_norm(q), attn.k_norm(k)

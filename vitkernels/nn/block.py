@@ -1,7 +1,20 @@
 """The pre-norm transformer block (timm's ``Block``): x + attn(norm1(x)), then x + mlp(norm2(x)).
 
+Two data paths, chosen per block by ``lean`` (default True):
+
+- lean: the memory-lean fused block. ``norm1`` is fused into the qkv GEMM (``ops.ln_linear``) and
+  ``norm2 -> fc1 -> GELU -> fc2 (+ residual)`` is one op (``ops.ln_mlp``), so the backward keeps per token
+  x, qkv (q, k, v are views of it), the attention output and its log-sum-exp, x1 = x + attention branch, the
+  fc1 pre-activation z (4 C) and fp32 LayerNorm statistics: 10 C values, where the per-op path (and timm)
+  keeps 16 C (also LN1(x), LN2(x1) and GELU(z)). The LayerNorm and GELU outputs are recomputed inside the
+  GEMMs of the backward, never stored. ``norm1``, ``attn``, ``norm2`` and ``mlp`` are read (parameters and
+  settings), not called, so forward hooks on them do not fire.
+- per-op (``lean=False``): every submodule is called, each op fused with its neighbours' elementwise work
+  (bias, GELU, residual in GEMM epilogues), saving what timm saves.
+
 Residual adds are fused: with no LayerScale and no active stochastic depth, into the epilogues of the
-``proj`` and ``fc2`` GEMMs; otherwise the first one into ``norm2`` (LayerNorm with fused residual).
+``proj`` and ``fc2`` GEMMs; otherwise (per-op path) the first one into ``norm2`` (LayerNorm with fused
+residual), or (lean path) a plain add before ``ln_mlp``.
 """
 
 from __future__ import annotations
@@ -10,7 +23,7 @@ import torch
 from torch import nn
 
 from vitkernels import ops
-from vitkernels.nn.attention import Attention
+from vitkernels.nn.attention import Attention, attention_from_qkv
 from vitkernels.nn.mlp import Mlp
 from vitkernels.nn.norm import LayerNorm
 
@@ -45,11 +58,12 @@ class DropPath(nn.Module):
 
 
 class Block(nn.Module):
-    """x (B, N, C) -> (B, N, C). Arguments as timm's Block, plus ``backend``."""
+    """x (B, N, C) -> (B, N, C). Arguments as timm's Block, plus ``backend`` and ``lean`` (the memory-lean
+    fused path, see the module docstring)."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, qk_norm=False, proj_bias=True,
                  proj_drop=0.0, attn_drop=0.0, init_values=None, drop_path=0.0, norm_eps=1e-6,
-                 backend: str = "auto"):
+                 backend: str = "auto", lean: bool = True):
         super().__init__()
         self.norm1 = LayerNorm(dim, eps=norm_eps, backend=backend)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, proj_bias=proj_bias,
@@ -61,27 +75,58 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.backend = backend
+        self.lean = lean
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return block_forward(self, x, self.backend)
+        return block_forward(self, x, self.backend, self.lean)
 
 
 def _layer_scale(ls: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x if isinstance(ls, nn.Identity) else x * ls.gamma  # never timm's in-place variant
 
 
-def block_forward(blk: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
+def _is_layer_norm(m: nn.Module) -> bool:
+    return isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1
+
+
+def lean_parts(blk: nn.Module) -> tuple[bool, bool]:
+    """Which halves of ``blk`` the lean path can fuse: (norm1 into qkv, norm2 + MLP as one op). The MLP half
+    needs timm's plain Mlp (exact GELU, no inner norm, no active dropout)."""
+    mlp = blk.mlp
+    act = getattr(mlp, "act", None)
+    mlp_ok = (_is_layer_norm(blk.norm2) and isinstance(act, nn.GELU) and act.approximate == "none"
+              and isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity)
+              and not (blk.training and (mlp.drop1.p > 0 or mlp.drop2.p > 0)))
+    return _is_layer_norm(blk.norm1), mlp_ok
+
+
+def _ln_mlp(blk: nn.Module, x: torch.Tensor, backend: str, add_input: bool) -> torch.Tensor:
+    n2, fc1, fc2 = blk.norm2, blk.mlp.fc1, blk.mlp.fc2
+    return ops.ln_mlp(x, n2.weight, n2.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, eps=n2.eps,
+                      add_input=add_input, backend=backend)
+
+
+def block_forward(blk: nn.Module, x: torch.Tensor, backend: str, lean: bool = True) -> torch.Tensor:
     """x (B, N, C) -> (B, N, C) for any module with timm's Block attribute names (``norm1``, ``attn``, ``ls1``,
     ``drop_path1``, ``norm2``, ``mlp``, ``ls2``, ``drop_path2``): this Block, and timm's own under
-    ``vitkernels.patch_timm``, whose ``attn`` and ``mlp`` take ``residual=``. The submodules are called (not
-    bypassed), so hooks on them fire. The residual adds are fused where the math allows (module docstring)."""
+    ``vitkernels.patch_timm``, whose ``attn`` and ``mlp`` take ``residual=``. ``lean``: the memory-lean path
+    where the block allows it (module docstring); otherwise the submodules are called, so hooks on them fire.
+    The residual adds are fused where the math allows."""
     plain = (isinstance(blk.ls1, nn.Identity) and isinstance(blk.ls2, nn.Identity)
              and (not blk.training or (isinstance(blk.drop_path1, nn.Identity)
                                        and isinstance(blk.drop_path2, nn.Identity))))
+    lean_attn, lean_mlp = lean_parts(blk) if lean else (False, False)
+    if lean_attn:
+        n1, qkv = blk.norm1, blk.attn.qkv
+        qkv = ops.ln_linear(x, n1.weight, n1.bias, qkv.weight, qkv.bias, eps=n1.eps, backend=backend)  # (B, N, 3C)
     if plain:  # both residual adds in the GEMM epilogues
-        x = blk.attn(blk.norm1(x), residual=x)
-        return blk.mlp(blk.norm2(x), residual=x)
-    branch = blk.drop_path1(_layer_scale(blk.ls1, blk.attn(blk.norm1(x))))
+        x = attention_from_qkv(blk.attn, qkv, x, backend) if lean_attn else blk.attn(blk.norm1(x), residual=x)
+        return _ln_mlp(blk, x, backend, add_input=True) if lean_mlp else blk.mlp(blk.norm2(x), residual=x)
+    a = attention_from_qkv(blk.attn, qkv, None, backend) if lean_attn else blk.attn(blk.norm1(x))
+    branch = blk.drop_path1(_layer_scale(blk.ls1, a))
+    if lean_mlp:
+        x = x + branch
+        return x + blk.drop_path2(_layer_scale(blk.ls2, _ln_mlp(blk, x, backend, add_input=False)))
     n2 = blk.norm2
     h, x = ops.layer_norm(branch, n2.weight, n2.bias, eps=n2.eps, residual=x, backend=backend)  # x <- x + branch
     return x + blk.drop_path2(_layer_scale(blk.ls2, blk.mlp(h)))

@@ -34,6 +34,9 @@ class VisionTransformer(nn.Module):
         ('' or 'skip').
         norm_eps: LayerNorm eps (timm and the paper: 1e-6; HF checkpoints use their config's, often 1e-12).
         backend: 'auto' | 'triton' | 'cuda' | 'torch' for every op of the model.
+        lean_blocks: run the memory-lean fused blocks (LayerNorm fused into the qkv GEMM, norm2 + MLP as one
+            op; the backward keeps 10 C values per token and block instead of 16; see vitkernels/nn/block.py).
+            False: the per-op path, every submodule called (forward hooks on norm1 / norm2 / mlp fire).
 
     Input: images (B, in_chans, H, W); H, W = img_size unless ``dynamic_img_size``, then any multiple of P.
     Output: logits (B, num_classes), or features (B, embed_dim) when num_classes == 0.
@@ -44,7 +47,7 @@ class VisionTransformer(nn.Module):
                  proj_bias=True, init_values=None, class_token=True, no_embed_class=False, pre_norm=False,
                  final_norm=True, fc_norm=None, dynamic_img_size=False, drop_rate=0.0, pos_drop_rate=0.0,
                  proj_drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, weight_init="", norm_eps=1e-6,
-                 backend="auto"):
+                 backend="auto", lean_blocks=True):
         super().__init__()
         if global_pool not in ("", "avg", "token"):
             raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
@@ -78,7 +81,8 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.Sequential(*[
             Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_norm=qk_norm,
                   proj_bias=proj_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
-                  init_values=init_values, drop_path=dpr[i], norm_eps=norm_eps, backend=backend)
+                  init_values=init_values, drop_path=dpr[i], norm_eps=norm_eps, backend=backend,
+                  lean=lean_blocks)
             for i in range(depth)
         ])
         self.norm = LayerNorm(embed_dim, eps=norm_eps, backend=backend) if final_norm and not use_fc_norm else nn.Identity()

@@ -15,6 +15,8 @@ from vitkernels.backends import OPS
 from vitkernels.ops.attention import attention
 from vitkernels.ops.layer_norm import layer_norm
 from vitkernels.ops.linear import linear
+from vitkernels.ops.ln_linear import ln_linear
+from vitkernels.ops.ln_mlp import ln_mlp
 from vitkernels.ops.patch_embed import patch_embed
 
 __all__ = list(OPS)

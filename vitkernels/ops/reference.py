@@ -23,7 +23,8 @@ def kernel_limits(op: str):
 
 
 def get_op(name: str):
-    return {"patch_embed": patch_embed, "layer_norm": layer_norm, "attention": attention, "linear": linear}.get(name)
+    return {"patch_embed": patch_embed, "layer_norm": layer_norm, "attention": attention, "linear": linear,
+            "ln_linear": ln_linear, "ln_mlp": ln_mlp}.get(name)
 
 
 def patch_embed(images, weight, bias, pos_embed, cls_token):
@@ -63,3 +64,15 @@ def linear(x, weight, bias, activation, residual):
     if residual is not None:
         y = y + residual
     return y
+
+
+def ln_linear(x, ln_weight, ln_bias, eps, weight, bias):
+    """x (..., K) -> LN(x) W^T + b, (..., M): LayerNorm then Linear, as timm runs them."""
+    return F.linear(F.layer_norm(x, x.shape[-1:], ln_weight, ln_bias, eps), weight, bias)
+
+
+def ln_mlp(x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, add_input):
+    """x (..., C) -> fc2(GELU(fc1(LN(x)))) [+ x], (..., O): timm's norm2 -> Mlp (-> residual add)."""
+    h = F.gelu(F.linear(F.layer_norm(x, x.shape[-1:], ln_weight, ln_bias, eps), fc1_weight, fc1_bias))
+    y = F.linear(h, fc2_weight, fc2_bias)
+    return y + x if add_input else y

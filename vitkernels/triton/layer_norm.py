@@ -29,7 +29,7 @@ from vitkernels.backends import triton_interpreter
 from vitkernels.triton import NAMESPACE
 from vitkernels.ops.layer_norm import CONTRACT
 
-__all__ = ["layer_norm", "layer_norm_fwd", "layer_norm_bwd", "why_not_supported"]
+__all__ = ["layer_norm", "layer_norm_fwd", "layer_norm_bwd", "layer_norm_stats", "why_not_supported"]
 
 # One row lives in registers; past this the kernel would spill (and nothing in a ViT is wider).
 MAX_C = 16384
@@ -60,6 +60,7 @@ def _layer_norm_fwd_kernel(
     HAS_RES: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
+    WRITE_Y: tl.constexpr,  # False: statistics only (a GEMM prologue normalises, see triton/ln_linear.py)
     BLOCK_C: tl.constexpr,  # next_power_of_2(C)
     ROWS: tl.constexpr,  # rows per program (several for small C so each program moves enough bytes)
 ):
@@ -83,12 +84,13 @@ def _layer_norm_fwd_kernel(
     diff = tl.where(mask, s - mean[:, None], 0.0)
     var = tl.sum(diff * diff, axis=1) / C  # two-pass variance: no cancellation for rows with a large mean
     rstd = 1.0 / tl.sqrt(var + eps)
-    y = diff * rstd[:, None]
-    if HAS_W:
-        y *= tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_B:
-        y += tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + rows64[:, None] * C + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    if WRITE_Y:
+        y = diff * rstd[:, None]
+        if HAS_W:
+            y *= tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_B:
+            y += tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + rows64[:, None] * C + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     tl.store(Mean + rows, mean, mask=row_mask)
     tl.store(Rstd + rows, rstd, mask=row_mask)
 
@@ -272,11 +274,29 @@ def layer_norm_fwd(x, weight, bias, eps, residual):
             x2, r2, weight, bias, y, s, mean, rstd,
             x2.stride(0), r2.stride(0) if r2 is not None else 0,
             n_rows, C, eps,
-            HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+            HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None, WRITE_Y=True,
             BLOCK_C=block_c, ROWS=rows,
         )
     y = y.view(x.shape)
     return y, (s.view(x.shape) if residual is not None else s), mean, rstd
+
+
+def layer_norm_stats(x2d, eps):
+    """x2d (R, C), unit column stride -> (mean, rstd), fp32 (R,) each: the forward's statistics, no output
+    written (one read of x2d). The GEMMs of triton/ln_linear.py and triton/ln_mlp.py normalise from them."""
+    R, C = x2d.shape
+    if C > MAX_C:
+        raise ValueError(f"vitkernels triton layer_norm supports widths up to {MAX_C}, got {C}")
+    mean = torch.empty((R,), device=x2d.device, dtype=torch.float32)
+    rstd = torch.empty((R,), device=x2d.device, dtype=torch.float32)
+    if R > 0:
+        block_c = triton.next_power_of_2(C)
+        rows = _fwd_rows(block_c)
+        _kernel("fwd", block_c, rows)[(triton.cdiv(R, rows),)](
+            x2d, None, None, None, x2d, x2d, mean, rstd, x2d.stride(0), 0, R, C, eps,
+            HAS_RES=False, HAS_W=False, HAS_B=False, WRITE_Y=False, BLOCK_C=block_c, ROWS=rows,
+        )
+    return mean, rstd
 
 
 def layer_norm_bwd(grad_y, grad_s, s, weight, mean, rstd, compute_dw, compute_db):

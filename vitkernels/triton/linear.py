@@ -60,6 +60,32 @@ from vitkernels.ops.linear import CONTRACT
 
 
 # --------------------------------------------------------------------------------------------- kernels
+# Operand prologues (what a tile becomes between its load and the dot), shared with triton/ln_linear.py and
+# triton/ln_mlp.py, which never write the LayerNorm output or GELU(z) that a GEMM can recompute on load:
+PRO_NONE = 0
+PRO_LN = 1  # (t - mean) * rstd * gamma + beta: row statistics along the operand's rows, affine along its columns
+PRO_GELU = 2  # GELU(t)
+# Partial column sums (COLSUM epilogue) are written per slice of this many rows, whatever the tile height, so
+# the partial buffer's size does not depend on the autotuned BLOCK_P (and no stale rows of a config tried by
+# the autotuner survive: every config writes every row). GPU tiles are at least this tall.
+_COLSUM_ROWS = 64
+COLSUM_ROWS = tl.constexpr(_COLSUM_ROWS)
+
+
+@triton.jit
+def _gelu(z):
+    """Exact-erf GELU of an fp32 tile."""
+    return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))  # 1/sqrt(2)
+
+
+@triton.jit
+def _gelu_grad(z):
+    """GELU'(z) = Phi(z) + z phi(z) of an fp32 tile."""
+    cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))  # 1/sqrt(2)
+    pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327  # 1/sqrt(2 pi)
+    return cdf + z * pdf
+
+
 @triton.heuristics({"EVEN_S": lambda args: args["S"] % args["BLOCK_S"] == 0})
 @triton.jit
 def _linear_gemm_kernel(
@@ -68,7 +94,12 @@ def _linear_gemm_kernel(
     out_ptr,  # out: (P, Q), written in out's dtype
     bias_ptr,  # bias: (Q,), read when HAS_BIAS
     res_ptr,  # residual: (P, Q), read when HAS_RES
-    z_ptr,  # z: (P, Q), pre-activation a @ b + bias, written when SAVE_Z
+    z_ptr,  # z: (P, Q), pre-activation: written when SAVE_Z, read (to multiply by GELU'(z)) when DGELU
+    mean_ptr,  # (rows of the PRO_LN operand,) fp32 row means: a's rows (P) or b's rows (S)
+    rstd_ptr,  # (same,) fp32 row 1/sqrt(var + eps)
+    gamma_ptr,  # (columns of the PRO_LN operand,) LayerNorm weight: a's columns (S) or b's columns (Q)
+    beta_ptr,  # (same,) LayerNorm bias
+    partial_ptr,  # (cdiv(P, COLSUM_ROWS), Q) fp32: column sums of out per slice of rows, written when COLSUM
     P,  # rows of out
     Q,  # columns of out
     S,  # reduction length
@@ -77,10 +108,14 @@ def _linear_gemm_kernel(
     stride_op, stride_oq,  # strides of out
     stride_rp, stride_rq,  # strides of residual
     stride_zp, stride_zq,  # strides of z
+    A_PRO: tl.constexpr,  # prologue of a tiles: PRO_NONE | PRO_LN | PRO_GELU
+    B_PRO: tl.constexpr,  # prologue of b tiles: PRO_NONE | PRO_LN | PRO_GELU
+    DGELU: tl.constexpr,  # multiply the product by GELU'(z) first (dz = (dy W2) * GELU'(z))
     HAS_BIAS: tl.constexpr,  # add bias[q] to every row
     SAVE_Z: tl.constexpr,  # store the pre-activation (for the GELU backward)
     GELU: tl.constexpr,  # apply exact-erf GELU after the bias
     HAS_RES: tl.constexpr,  # add residual after the activation
+    COLSUM: tl.constexpr,  # write partial column sums of out (a bias gradient, stage 1)
     IEEE: tl.constexpr,  # fp32 operands: full-precision dot (no TF32)
     BLOCK_P: tl.constexpr,
     BLOCK_Q: tl.constexpr,
@@ -107,16 +142,40 @@ def _linear_gemm_kernel(
     # 64-bit row/column offsets: P * stride can exceed 2^31 at large batch sizes.
     a_ptrs = a_ptr + offs_p[:, None].to(tl.int64) * stride_ap + offs_s[None, :] * stride_as
     b_ptrs = b_ptr + offs_s[:, None] * stride_bs + offs_q[None, :].to(tl.int64) * stride_bq
+    # The statistics or affine parameters that stay fixed along the loop are loaded once.
+    if A_PRO == 1:
+        mean_a = tl.load(mean_ptr + offs_p, mask=mask_p, other=0.0)
+        rstd_a = tl.load(rstd_ptr + offs_p, mask=mask_p, other=0.0)
+    if B_PRO == 1:
+        gamma_b = tl.load(gamma_ptr + offs_q, mask=mask_q, other=0.0).to(tl.float32)
+        beta_b = tl.load(beta_ptr + offs_q, mask=mask_q, other=0.0).to(tl.float32)
 
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
     for s0 in range(0, S, BLOCK_S):
+        mask_s = (s0 + offs_s) < S
         if EVEN_S:
             a = tl.load(a_ptrs, mask=mask_p[:, None], other=0.0)
             b = tl.load(b_ptrs, mask=mask_q[None, :], other=0.0)
         else:
-            mask_s = (s0 + offs_s) < S
             a = tl.load(a_ptrs, mask=mask_p[:, None] & mask_s[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=mask_s[:, None] & mask_q[None, :], other=0.0)
+        # Prologues run in fp32 and round once to the operand dtype: the value a separate LayerNorm / GELU
+        # kernel would have stored. Masked (zero) elements must stay zero: a padded column of a gets
+        # gamma = beta = 0; a padded row of b is zeroed explicitly (beta would make it non-zero).
+        if A_PRO == 1:
+            gamma_a = tl.load(gamma_ptr + s0 + offs_s, mask=mask_s, other=0.0).to(tl.float32)
+            beta_a = tl.load(beta_ptr + s0 + offs_s, mask=mask_s, other=0.0).to(tl.float32)
+            a = ((a.to(tl.float32) - mean_a[:, None]) * rstd_a[:, None] * gamma_a[None, :]
+                 + beta_a[None, :]).to(a_ptr.dtype.element_ty)
+        if A_PRO == 2:
+            a = _gelu(a.to(tl.float32)).to(a_ptr.dtype.element_ty)
+        if B_PRO == 1:
+            mean_b = tl.load(mean_ptr + s0 + offs_s, mask=mask_s, other=0.0)
+            rstd_b = tl.load(rstd_ptr + s0 + offs_s, mask=mask_s, other=0.0)
+            b = (b.to(tl.float32) - mean_b[:, None]) * rstd_b[:, None] * gamma_b[None, :] + beta_b[None, :]
+            b = tl.where(mask_s[:, None], b, 0.0).to(b_ptr.dtype.element_ty)
+        if B_PRO == 2:
+            b = _gelu(b.to(tl.float32)).to(b_ptr.dtype.element_ty)
         if IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
@@ -124,24 +183,39 @@ def _linear_gemm_kernel(
         a_ptrs += BLOCK_S * stride_as
         b_ptrs += BLOCK_S * stride_bs
 
-    # Epilogue, all in fp32: z = acc + bias; y = GELU(z); y += residual.
+    # Epilogue, all in fp32: [z = acc * GELU'(z_saved)]; z += bias; y = GELU(z); y += residual.
     mask = mask_p[:, None] & mask_q[None, :]
     rows = offs_p[:, None].to(tl.int64)
     cols = offs_q[None, :].to(tl.int64)
     z = acc
+    if DGELU:
+        zs = tl.load(z_ptr + rows * stride_zp + cols * stride_zq, mask=mask, other=0.0).to(tl.float32)
+        z = z * _gelu_grad(zs)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_q, mask=mask_q, other=0.0).to(tl.float32)
         z = z + bias[None, :]
     if SAVE_Z:
         tl.store(z_ptr + rows * stride_zp + cols * stride_zq, z.to(z_ptr.dtype.element_ty), mask=mask)
     if GELU:
-        y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))  # 1/sqrt(2)
+        y = _gelu(z)
     else:
         y = z
     if HAS_RES:
         res = tl.load(res_ptr + rows * stride_rp + cols * stride_rq, mask=mask, other=0.0).to(tl.float32)
         y = y + res
-    tl.store(out_ptr + rows * stride_op + cols * stride_oq, y.to(out_ptr.dtype.element_ty), mask=mask)
+    y = y.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows * stride_op + cols * stride_oq, y, mask=mask)
+    if COLSUM:
+        # Sums of the stored (rounded) values, as a separate reduction over out would see them.
+        y = tl.where(mask, y.to(tl.float32), 0.0)
+        if BLOCK_P > COLSUM_ROWS:
+            n_slices = tl.cdiv(P, COLSUM_ROWS)
+            parts = tl.sum(tl.reshape(y, (BLOCK_P // COLSUM_ROWS, COLSUM_ROWS, BLOCK_Q)), axis=1)
+            prow = pid_p * (BLOCK_P // COLSUM_ROWS) + tl.arange(0, BLOCK_P // COLSUM_ROWS)
+            tl.store(partial_ptr + prow[:, None].to(tl.int64) * Q + cols, parts,
+                     mask=(prow < n_slices)[:, None] & mask_q[None, :])
+        else:  # one slice per tile (BLOCK_P == COLSUM_ROWS, or a single tile along P under the interpreter)
+            tl.store(partial_ptr + pid_p * Q + offs_q, tl.sum(y, axis=0), mask=mask_q)
 
 
 @triton.jit
@@ -175,9 +249,7 @@ def _linear_bwd_dz_kernel(
         dz = tl.load(dy_ptr + rows * stride_dyr + cols * stride_dym, mask=mask, other=0.0).to(tl.float32)
         if GELU:
             z = tl.load(z_ptr + rows * stride_zr + cols * stride_zm, mask=mask, other=0.0).to(tl.float32)
-            cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))  # 1/sqrt(2)
-            pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327  # 1/sqrt(2 pi)
-            dz = dz * (cdf + z * pdf)
+            dz = dz * _gelu_grad(z)
             tl.store(dz_ptr + rows * M + cols, dz.to(dz_ptr.dtype.element_ty), mask=mask)
         if PARTIAL:
             acc += dz
@@ -205,14 +277,15 @@ def _gpu_configs():
     ]
 
 
-# Autotuned on GPU; the key holds the GEMM sizes and the operand layout (a transposed operand may favour
-# another tile), the autotuner adds the dtypes itself. The kernel only stores, so benchmarking runs are
-# harmless. Caveat: the winner is cached per process; the first call per new key spends ~1 s benchmarking
-# (warm up before CUDA-graph capture). TRITON_CACHE_AUTOTUNING=1 persists the choice on disk across processes,
-# keyed by the kernel source and the key only, not by the GPU model or clocks: clear the Triton cache when
-# moving the cache between machines.
+# Autotuned on GPU; the key holds the GEMM sizes, the operand layout (a transposed operand may favour another
+# tile) and the prologue / epilogue flags (they change register pressure, so the best tile); the autotuner adds
+# the dtypes itself. The kernel only stores, so benchmarking runs are harmless. Caveat: the winner is cached
+# per process; the first call per new key spends ~1 s benchmarking (warm up before CUDA-graph capture).
+# TRITON_CACHE_AUTOTUNING=1 persists the choice on disk across processes, keyed by the kernel source and the
+# key only, not by the GPU model or clocks: clear the Triton cache when moving the cache between machines.
 _linear_gemm_kernel_tuned = triton.autotune(
-    configs=_gpu_configs(), key=["P", "Q", "S", "stride_as", "stride_bq"]
+    configs=_gpu_configs(),
+    key=["P", "Q", "S", "stride_as", "stride_bq", "A_PRO", "B_PRO", "DGELU", "GELU", "HAS_RES", "COLSUM"],
 )(_linear_gemm_kernel)
 
 
@@ -227,25 +300,45 @@ def _interp_blocks(P, Q, S):
     return {"BLOCK_P": fit(P), "BLOCK_Q": fit(Q), "BLOCK_S": fit(S), "GROUP_P": 4}
 
 
-def _gemm(a, b, out, bias=None, residual=None, z=None, gelu=False):
-    """out[P, Q] = epilogue(a[P, S] @ b[S, Q]); a and b through their strides; returns out."""
+def colsum_buffer(P, Q, device):
+    """The partial buffer of a COLSUM epilogue: (cdiv(P, COLSUM_ROWS), Q) fp32; ``.sum(0)`` finishes it."""
+    return torch.empty((triton.cdiv(P, _COLSUM_ROWS), Q), device=device, dtype=torch.float32)
+
+
+def _gemm(a, b, out, bias=None, residual=None, z=None, gelu=False, a_pro=PRO_NONE, b_pro=PRO_NONE, ln=None,
+          dgelu_z=None, colsum=None):
+    """out[P, Q] = epilogue(a'[P, S] @ b'[S, Q]); returns out.
+
+    a, b: read through their strides; a' / b' are a / b after their prologue (``a_pro`` / ``b_pro``: PRO_NONE,
+    PRO_LN with ``ln = (mean, rstd, gamma, beta)`` of that operand, or PRO_GELU). Epilogue, in order: times
+    GELU'(dgelu_z) (dgelu_z (P, Q)); + bias (Q,); z (P, Q) <- the pre-activation; GELU when ``gelu``;
+    + residual (P, Q); store; column sums of the stored values into ``colsum`` (from ``colsum_buffer``).
+    """
     P, S = a.shape
     Q = b.shape[1]
     if P == 0 or Q == 0:
+        if colsum is not None:
+            colsum.zero_()
         return out
+    if z is not None and dgelu_z is not None:
+        raise ValueError("_gemm: z is either written (SAVE_Z) or read (DGELU), not both")
     dummy = out
     res = residual if residual is not None else dummy
-    zt = z if z is not None else dummy
+    zt = z if z is not None else (dgelu_z if dgelu_z is not None else dummy)
+    mean, rstd, gamma, beta = ln if ln is not None else (dummy,) * 4
     args = (
-        a, b, out, bias if bias is not None else dummy, res, zt,
+        a, b, out, bias if bias is not None else dummy, res, zt, mean, rstd, gamma, beta,
+        colsum if colsum is not None else dummy,
         P, Q, S,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         res.stride(0), res.stride(1), zt.stride(0), zt.stride(1),
     )
-    flags = dict(HAS_BIAS=bias is not None, SAVE_Z=z is not None, GELU=gelu, HAS_RES=residual is not None,
+    flags = dict(A_PRO=a_pro, B_PRO=b_pro, DGELU=dgelu_z is not None, HAS_BIAS=bias is not None,
+                 SAVE_Z=z is not None, GELU=gelu, HAS_RES=residual is not None, COLSUM=colsum is not None,
                  IEEE=a.dtype == torch.float32)
     if triton_interpreter():
         blocks = _interp_blocks(P, Q, S)
+        assert colsum is None or blocks["BLOCK_P"] >= _COLSUM_ROWS or P <= blocks["BLOCK_P"]
         grid = (triton.cdiv(P, blocks["BLOCK_P"]) * triton.cdiv(Q, blocks["BLOCK_Q"]),)
         _linear_gemm_kernel[grid](*args, **flags, **blocks, num_warps=4)
     else:
