@@ -150,13 +150,15 @@ def count(model, image_size=None, batch_size: int = 1, training: bool = False, r
         image_size: int or (H, W); default the model's.
         training: forward + backward (3x) instead of forward only.
         recompute: count the blocks' recomputed forward of gradient checkpointing; None reads
-            ``model.grad_checkpointing``. Only matters when ``training``.
+            ``model.grad_checkpointing`` (full checkpointing recomputes the blocks' GEMMs and attention,
+            selective checkpointing none of them). Only matters when ``training``.
     """
     shape = shape_of(model, image_size)
     fwd = forward_by_part(shape)
     if recompute is None:
         inner = getattr(getattr(model, "_orig_mod", model), "module", getattr(model, "_orig_mod", model))
-        recompute = bool(getattr(inner, "grad_checkpointing", False))
+        recompute = (bool(getattr(inner, "grad_checkpointing", False))
+                     and getattr(inner, "checkpoint_mode", "full") == "full")
     recompute = bool(recompute and training)
     by_part = {}
     for part, f in fwd.items():

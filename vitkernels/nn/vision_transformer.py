@@ -12,12 +12,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
 from vitkernels import ops
 from vitkernels.backends import check_name, prepare
 from vitkernels.nn.block import Block
+from vitkernels.nn.checkpoint import checkpointed
 from vitkernels.nn.norm import LayerNorm
 from vitkernels.nn.patch_embed import PatchEmbed
 from vitkernels.nn.pos_embed import resample_pos_embed
@@ -67,6 +67,7 @@ class VisionTransformer(nn.Module):
         self.no_embed_class = no_embed_class
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
+        self.checkpoint_mode = "full"  # or "selective": see set_grad_checkpointing
         self.backend = backend
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, bias=not pre_norm,
@@ -111,8 +112,11 @@ class VisionTransformer(nn.Module):
         return {"pos_embed", "cls_token", "dist_token"}
 
     @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
+    def set_grad_checkpointing(self, enable: bool = True, selective: bool = False) -> None:
+        """Checkpoint every block in training (timm's API). ``selective``: keep GEMM and attention outputs,
+        recompute the rest (``vitkernels.nn.checkpoint``); else the whole block is recomputed."""
         self.grad_checkpointing = enable
+        self.checkpoint_mode = "selective" if selective else "full"
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -166,7 +170,7 @@ class VisionTransformer(nn.Module):
         x = self.norm_pre(x)
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
             for blk in self.blocks:
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+                x = checkpointed(blk, x, getattr(self, "checkpoint_mode", "full"))
         else:
             x = self.blocks(x)
         return self.norm(x)
