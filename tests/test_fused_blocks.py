@@ -312,3 +312,57 @@ def test_grad_checkpointing_composes(backend, lean):
     assert flops0 < results["full"][2] <= flops0 + 1.01 * recomputed
     if backend != "torch":
         assert abs(results["full"][2] - flops0 - recomputed) <= 0.01 * recomputed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autocast: an fp32 residual stream (fp32 x) with low-precision parameters. The C++ CPU twin has no fp16
+# kernels, so the cuda backend joins on a GPU only.
+AMP_DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
+AMP_BACKENDS = backend_params(*(FUSED if DEVICE.type == "cuda" else ("triton",)), op="ln_mlp")
+
+
+@pytest.mark.parametrize("backend", AMP_BACKENDS)
+@pytest.mark.parametrize("op", ["ln_linear", "ln_mlp"])
+def test_fused_ops_fp32_input_under_autocast(backend, op):
+    """Under autocast an fp32 x stays fp32: LayerNorm in fp32, the GEMMs in the autocast dtype, ln_mlp's
+    residual add in fp32 (fp32 output); every gradient within 2x of PyTorch's autocast error."""
+    t = _ln_mlp_tensors((2, 33), 24, 40, torch.float32)
+    fn = _ln_mlp(True)
+    if op == "ln_linear":
+        t = dict(x=t["x"], ln_weight=t["ln_weight"], ln_bias=t["ln_bias"], weight=t["fc1_weight"],
+                 bias=t["fc1_bias"])
+        fn = _ln_linear
+
+    def run(backend, tensors, amp):
+        with torch.autocast(DEVICE.type, dtype=AMP_DTYPE, enabled=amp):
+            return fn(backend, **tensors)
+
+    dy = torch.randn(run("torch", t, False).shape, device=DEVICE)
+    ours = _grads(lambda **a: run(backend, a, True), t, dy)
+    lowp = _grads(lambda **a: run("torch", a, True), t, dy)
+    oracle = _grads(lambda **a: run("torch", a, False), {k: v.double() for k, v in t.items()}, dy.double())
+    assert ours["y"].dtype == (torch.float32 if op == "ln_mlp" else AMP_DTYPE)
+    for name in oracle:
+        assert name == "y" or ours[name].dtype == torch.float32, name  # gradients of the fp32 leaves
+        assert_budget(name, ours[name], lowp[name], oracle[name], floor=1e-3)
+
+
+@pytest.mark.parametrize("backend", AMP_BACKENDS)
+def test_fp32_residual_stream_under_autocast(backend):
+    """fp32_residual=True keeps the blocks' outputs fp32 under autocast (timm's behaviour) and is closer to
+    the fp64 model than the default low-precision stream."""
+    images = torch.randn(2, 3, 32, 32, device=DEVICE)
+    oracle = _vit("torch", True).double()(images.double())
+    errs = {}
+    for fp32 in (False, True):
+        model = _vit(backend, True, fp32_residual=fp32)
+        dtypes = []
+        handle = model.blocks[0].register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+        with torch.autocast(DEVICE.type, dtype=AMP_DTYPE):
+            out = model(images)
+        handle.remove()
+        out.float().sum().backward()
+        assert dtypes == [torch.float32 if fp32 else AMP_DTYPE]
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        errs[fp32] = (out.double() - oracle).abs().max().item()
+    assert errs[True] < errs[False], errs

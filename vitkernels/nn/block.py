@@ -15,6 +15,13 @@ Two data paths, chosen per block by ``lean`` (default True):
 Residual adds are fused: with no LayerScale and no active stochastic depth, into the epilogues of the
 ``proj`` and ``fc2`` GEMMs; otherwise (per-op path) the first one into ``norm2`` (LayerNorm with fused
 residual), or (lean path) a plain add before ``ln_mlp``.
+
+The residual stream under autocast: the fused ops compute in the autocast dtype, so by default the stream
+(x, x1) is bf16 / fp16 from the patch embedding on. ``fp32_residual`` (timm's behaviour: its adds promote to
+fp32) keeps it fp32: the LayerNorms read it in fp32 (``ln_linear`` / ``ln_mlp`` normalise an fp32 x and
+round LN(x) to the autocast dtype for the GEMM, as autocast's LayerNorm -> Linear does), ``ln_mlp`` adds it
+in fp32 in its epilogue, and the attention branch is added by an fp32 PyTorch add (``proj``'s epilogue
+computes in the autocast dtype). The saved x and x1 are then fp32, as in timm.
 """
 
 from __future__ import annotations
@@ -58,12 +65,12 @@ class DropPath(nn.Module):
 
 
 class Block(nn.Module):
-    """x (B, N, C) -> (B, N, C). Arguments as timm's Block, plus ``backend`` and ``lean`` (the memory-lean
-    fused path, see the module docstring)."""
+    """x (B, N, C) -> (B, N, C). Arguments as timm's Block, plus ``backend``, ``lean`` (the memory-lean
+    fused path) and ``fp32_residual`` (an fp32 residual stream under autocast); see the module docstring."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, qk_norm=False, proj_bias=True,
                  proj_drop=0.0, attn_drop=0.0, init_values=None, drop_path=0.0, norm_eps=1e-6,
-                 backend: str = "auto", lean: bool = True):
+                 backend: str = "auto", lean: bool = True, fp32_residual: bool = False):
         super().__init__()
         self.norm1 = LayerNorm(dim, eps=norm_eps, backend=backend)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, proj_bias=proj_bias,
@@ -76,6 +83,7 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.backend = backend
         self.lean = lean
+        self.fp32_residual = fp32_residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return block_forward(self, x, self.backend, self.lean)
@@ -100,6 +108,12 @@ def lean_parts(blk: nn.Module) -> tuple[bool, bool]:
     return _is_layer_norm(blk.norm1), mlp_ok
 
 
+def keeps_fp32_stream(blk: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``blk`` keeps an fp32 residual stream here: asked for, x is fp32 and autocast is on."""
+    return (getattr(blk, "fp32_residual", False) and x.dtype == torch.float32
+            and torch.is_autocast_enabled(x.device.type))
+
+
 def _ln_mlp(blk: nn.Module, x: torch.Tensor, backend: str, add_input: bool) -> torch.Tensor:
     n2, fc1, fc2 = blk.norm2, blk.mlp.fc1, blk.mlp.fc2
     return ops.ln_mlp(x, n2.weight, n2.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, eps=n2.eps,
@@ -115,18 +129,33 @@ def block_forward(blk: nn.Module, x: torch.Tensor, backend: str, lean: bool = Tr
     plain = (isinstance(blk.ls1, nn.Identity) and isinstance(blk.ls2, nn.Identity)
              and (not blk.training or (isinstance(blk.drop_path1, nn.Identity)
                                        and isinstance(blk.drop_path2, nn.Identity))))
+    # An fp32 stream is not added in the proj / per-op epilogues (they compute in the autocast dtype);
+    # ln_mlp adds its fp32 input in fp32 and returns fp32.
+    fp32_stream = keeps_fp32_stream(blk, x)
     lean_attn, lean_mlp = lean_parts(blk) if lean else (False, False)
+    h = None  # norm2's output, when the per-op path fuses it with the first residual add
+
+    # attention half: x <- x + drop_path1(ls1(attn(norm1(x))))
     if lean_attn:
         n1, qkv = blk.norm1, blk.attn.qkv
         qkv = ops.ln_linear(x, n1.weight, n1.bias, qkv.weight, qkv.bias, eps=n1.eps, backend=backend)  # (B, N, 3C)
-    if plain:  # both residual adds in the GEMM epilogues
+    if plain and not fp32_stream:  # the residual add in proj's epilogue
         x = attention_from_qkv(blk.attn, qkv, x, backend) if lean_attn else blk.attn(blk.norm1(x), residual=x)
-        return _ln_mlp(blk, x, backend, add_input=True) if lean_mlp else blk.mlp(blk.norm2(x), residual=x)
-    a = attention_from_qkv(blk.attn, qkv, None, backend) if lean_attn else blk.attn(blk.norm1(x))
-    branch = blk.drop_path1(_layer_scale(blk.ls1, a))
+    else:
+        a = attention_from_qkv(blk.attn, qkv, None, backend) if lean_attn else blk.attn(blk.norm1(x))
+        branch = blk.drop_path1(_layer_scale(blk.ls1, a))
+        if lean_mlp or fp32_stream:
+            x = x + branch
+        else:  # x <- x + branch fused into norm2
+            n2 = blk.norm2
+            h, x = ops.layer_norm(branch, n2.weight, n2.bias, eps=n2.eps, residual=x, backend=backend)
+
+    # MLP half: x <- x + drop_path2(ls2(mlp(norm2(x))))
     if lean_mlp:
-        x = x + branch
+        if plain:
+            return _ln_mlp(blk, x, backend, add_input=True)
         return x + blk.drop_path2(_layer_scale(blk.ls2, _ln_mlp(blk, x, backend, add_input=False)))
-    n2 = blk.norm2
-    h, x = ops.layer_norm(branch, n2.weight, n2.bias, eps=n2.eps, residual=x, backend=backend)  # x <- x + branch
+    if plain and not fp32_stream:  # the residual add in fc2's epilogue
+        return blk.mlp(blk.norm2(x), residual=x)
+    h = blk.norm2(x) if h is None else h
     return x + blk.drop_path2(_layer_scale(blk.ls2, blk.mlp(h)))

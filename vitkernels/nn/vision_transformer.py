@@ -37,6 +37,9 @@ class VisionTransformer(nn.Module):
         lean_blocks: run the memory-lean fused blocks (LayerNorm fused into the qkv GEMM, norm2 + MLP as one
             op; the backward keeps 10 C values per token and block instead of 16; see vitkernels/nn/block.py).
             False: the per-op path, every submodule called (forward hooks on norm1 / norm2 / mlp fire).
+        fp32_residual: under autocast keep the residual stream in fp32, as timm does (default False: the
+            stream is in the autocast dtype and the residual adds are fused into GEMM epilogues); see
+            vitkernels/nn/block.py.
 
     Input: images (B, in_chans, H, W); H, W = img_size unless ``dynamic_img_size``, then any multiple of P.
     Output: logits (B, num_classes), or features (B, embed_dim) when num_classes == 0.
@@ -47,7 +50,7 @@ class VisionTransformer(nn.Module):
                  proj_bias=True, init_values=None, class_token=True, no_embed_class=False, pre_norm=False,
                  final_norm=True, fc_norm=None, dynamic_img_size=False, drop_rate=0.0, pos_drop_rate=0.0,
                  proj_drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, weight_init="", norm_eps=1e-6,
-                 backend="auto", lean_blocks=True):
+                 backend="auto", lean_blocks=True, fp32_residual=False):
         super().__init__()
         if global_pool not in ("", "avg", "token"):
             raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
@@ -68,6 +71,7 @@ class VisionTransformer(nn.Module):
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
         self.checkpoint_mode = "full"  # or "selective": see set_grad_checkpointing
+        self.fp32_residual = fp32_residual
         self.backend = backend
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, bias=not pre_norm,
@@ -83,7 +87,7 @@ class VisionTransformer(nn.Module):
             Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_norm=qk_norm,
                   proj_bias=proj_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
                   init_values=init_values, drop_path=dpr[i], norm_eps=norm_eps, backend=backend,
-                  lean=lean_blocks)
+                  lean=lean_blocks, fp32_residual=fp32_residual)
             for i in range(depth)
         ])
         self.norm = LayerNorm(embed_dim, eps=norm_eps, backend=backend) if final_norm and not use_fc_norm else nn.Identity()
@@ -162,6 +166,8 @@ class VisionTransformer(nn.Module):
         proj = self.patch_embed.proj
         x = ops.patch_embed(x, proj.weight, proj.bias, pos_embed=pos_embed, cls_token=self.cls_token,
                             backend=self.backend)
+        if getattr(self, "fp32_residual", False) and torch.is_autocast_enabled(x.device.type):
+            x = x.float()  # the stream starts fp32 (timm: bf16 patch GEMM + fp32 position embedding)
         return self.pos_drop(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,12 +5,13 @@ statistics, the backward recomputes LN(x) where the weight gradient needs it.
 Contract (every backend's ``<ns>::ln_linear_fwd`` / ``ln_linear_bwd`` has exactly these schemas):
 
     ln_linear_fwd(x, ln_weight?, ln_bias?, eps, weight, bias?) -> (y, mean, rstd)
-        x (R, K); ln_weight, ln_bias (K,); weight (M, K); bias (M,). y (R, M); mean, rstd fp32 (R,), the
-        LayerNorm statistics of x's rows.
+        x (R, K); ln_weight, ln_bias (K,); weight (M, K); bias (M,). y (R, M) in weight's dtype; mean, rstd
+        fp32 (R,), the LayerNorm statistics of x's rows. x may be fp32 with lower-precision parameters (an
+        fp32 residual stream under autocast): LN(x) is computed in fp32 and rounded to weight's dtype.
     ln_linear_bwd(grad_y, x, ln_weight?, ln_bias?, mean, rstd, weight, output_mask) -> (dx, dln_weight,
                   dln_bias, dweight, dbias)
         output_mask: bool[5], which of the five gradients to compute (as aten's native_layer_norm_backward);
-        the others are empty (0,).
+        the others are empty (0,). Each gradient has its input's dtype.
 
 The forward saves x, the statistics and the parameters: K per row of x plus 8 bytes, where LayerNorm then
 Linear keep x and LN(x) (2 K). FLOPs: 2 R M K forward; backward 2 R M K per GEMM run (d LN(x) = dy W when
@@ -31,13 +32,24 @@ OP = "ln_linear"
 def _fake_fwd(x, ln_weight, ln_bias, eps, weight, bias):
     R, M = x.shape[0], weight.shape[0]
     stats = x.new_empty((R,), dtype=torch.float32)
-    return x.new_empty((R, M)), stats, torch.empty_like(stats)
+    return weight.new_empty((R, M)), stats, torch.empty_like(stats)
+
+
+def grad_like(*likes: torch.Tensor | None):
+    """Fake gradients: each ``like`` tensor's gradient (its shape and dtype) when wanted, else an empty (0,)
+    tensor of the first like's dtype. Shared with ln_mlp's fake."""
+    def fake(output_mask):
+        return tuple(t.new_empty(t.shape) if wanted else likes[0].new_empty((0,))
+                     for t, wanted in zip(likes, output_mask))
+
+    return fake
 
 
 def _fake_bwd(grad_y, x, ln_weight, ln_bias, mean, rstd, weight, output_mask):
-    K = x.shape[1]
-    shapes = (x.shape, (K,), (K,), weight.shape, (weight.shape[0],))
-    return tuple(x.new_empty(shape if wanted else (0,)) for shape, wanted in zip(shapes, output_mask))
+    ln_w = ln_weight if ln_weight is not None else x.new_empty((x.shape[1],))
+    ln_b = ln_bias if ln_bias is not None else ln_w
+    bias = weight.new_empty((weight.shape[0],))
+    return grad_like(x, ln_w, ln_b, weight, bias)(output_mask)
 
 
 def _setup_context(ctx, inputs, output):
@@ -114,7 +126,10 @@ def ln_linear(
     name, fn = resolve(OP, backend, x.device, x.dtype, (x.shape[-1],))
     amp = amp_dtype(x.device) if name != "torch" else None
     if amp is not None:
-        x, ln_weight, ln_bias, weight, bias = cast(amp, x, ln_weight, ln_bias, weight, bias)
+        # Autocast runs LayerNorm in fp32 and the GEMM in the autocast dtype: an fp32 x (an fp32 residual
+        # stream) is normalised as is; any other x and all parameters go to the autocast dtype.
+        x = x if x.dtype == torch.float32 else x.to(amp)
+        ln_weight, ln_bias, weight, bias = cast(amp, ln_weight, ln_bias, weight, bias)
     same_device_dtype(OP, "x", x, ln_weight=ln_weight, ln_bias=ln_bias, weight=weight, bias=bias)
     M, K = weight.shape
     if x.shape[-1] != K:

@@ -9,11 +9,13 @@ Contract (every backend's ``<ns>::ln_mlp_fwd`` / ``ln_mlp_bwd`` has exactly thes
         -> (y, z, mean, rstd)
         x (R, C); ln_weight, ln_bias (C,); fc1_weight (H, C), fc1_bias (H,); fc2_weight (O, H), fc2_bias (O,).
         z = LN(x) W1^T + b1 (R, H); y = GELU(z) W2^T + b2 (R, O), plus x when add_input (the block's
-        residual, O == C); mean, rstd fp32 (R,). GELU is the exact (erf) one.
+        residual, O == C); mean, rstd fp32 (R,). GELU is the exact (erf) one. z has the weights' dtype, y
+        too, or x's with add_input: x may be fp32 with lower-precision parameters (an fp32 residual stream
+        under autocast), normalised in fp32 and added in fp32.
     ln_mlp_bwd(grad_y, x, ln_weight?, ln_bias?, mean, rstd, fc1_weight, fc2_weight, z, add_input, output_mask)
         -> (dx, dln_weight, dln_bias, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias)
-        output_mask: bool[7], which gradients to compute (the others are empty (0,)). dx includes grad_y
-        when add_input (x is then also the residual).
+        output_mask: bool[7], which gradients to compute (the others are empty (0,)); each has its input's
+        dtype. dx includes grad_y when add_input (x is then also the residual).
 
 Backward:  dW2 = dy^T GELU(z),  db2 = sum_rows dy,  dz = (dy W2) * GELU'(z),  db1 = sum_rows dz,
            dW1 = dz^T LN(x),  d LN(x) = dz W1,  dx = LayerNorm backward (+ dy with add_input).
@@ -29,6 +31,7 @@ import torch
 
 from vitkernels.backends import resolve
 from vitkernels.ops.contract import OpContract, or_none
+from vitkernels.ops.ln_linear import grad_like
 from vitkernels.ops.validate import amp_dtype, cast, check_float, fail, same_device_dtype
 
 OP = "ln_mlp"
@@ -37,14 +40,15 @@ OP = "ln_mlp"
 def _fake_fwd(x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, add_input):
     R = x.shape[0]
     stats = x.new_empty((R,), dtype=torch.float32)
-    return (x.new_empty((R, fc2_weight.shape[0])), x.new_empty((R, fc1_weight.shape[0])), stats,
-            torch.empty_like(stats))
+    y = (x if add_input else fc2_weight).new_empty((R, fc2_weight.shape[0]))
+    return y, fc1_weight.new_empty((R, fc1_weight.shape[0])), stats, torch.empty_like(stats)
 
 
 def _fake_bwd(grad_y, x, ln_weight, ln_bias, mean, rstd, fc1_weight, fc2_weight, z, add_input, output_mask):
-    C, H, O = x.shape[1], fc1_weight.shape[0], fc2_weight.shape[0]
-    shapes = (x.shape, (C,), (C,), fc1_weight.shape, (H,), fc2_weight.shape, (O,))
-    return tuple(x.new_empty(shape if wanted else (0,)) for shape, wanted in zip(shapes, output_mask))
+    ln_w = ln_weight if ln_weight is not None else x.new_empty((x.shape[1],))
+    ln_b = ln_bias if ln_bias is not None else ln_w
+    b1, b2 = fc1_weight.new_empty((fc1_weight.shape[0],)), fc2_weight.new_empty((fc2_weight.shape[0],))
+    return grad_like(x, ln_w, ln_b, fc1_weight, b1, fc2_weight, b2)(output_mask)
 
 
 def _setup_context(ctx, inputs, output):
@@ -133,9 +137,10 @@ def ln_mlp(
         fail(OP, f"x must have a non-empty last dim, got shape {tuple(x.shape)}")
     name, fn = resolve(OP, backend, x.device, x.dtype, (x.shape[-1],))
     amp = amp_dtype(x.device) if name != "torch" else None
-    if amp is not None:
-        x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias = cast(
-            amp, x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    if amp is not None:  # as ops.ln_linear: an fp32 x stays fp32 (LayerNorm and the residual add in fp32)
+        x = x if x.dtype == torch.float32 else x.to(amp)
+        ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias = cast(
+            amp, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     same_device_dtype(OP, "x", x, ln_weight=ln_weight, ln_bias=ln_bias, fc1_weight=fc1_weight,
                       fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias)
     C = x.shape[-1]

@@ -159,23 +159,25 @@ def _linear_gemm_kernel(
         else:
             a = tl.load(a_ptrs, mask=mask_p[:, None] & mask_s[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=mask_s[:, None] & mask_q[None, :], other=0.0)
-        # Prologues run in fp32 and round once to the operand dtype: the value a separate LayerNorm / GELU
-        # kernel would have stored. Masked (zero) elements must stay zero: a padded column of a gets
-        # gamma = beta = 0; a padded row of b is zeroed explicitly (beta would make it non-zero).
+        # Prologues run in fp32 and round once to the other operand's dtype: the value a separate LayerNorm /
+        # GELU kernel would have stored (an fp32 residual stream normalised for bf16 weights is rounded to
+        # bf16, as autocast's LayerNorm -> Linear does). Masked (zero) elements must stay zero: a padded
+        # column of a gets gamma = beta = 0; a padded row of b is zeroed explicitly (beta would make it
+        # non-zero).
         if A_PRO == 1:
             gamma_a = tl.load(gamma_ptr + s0 + offs_s, mask=mask_s, other=0.0).to(tl.float32)
             beta_a = tl.load(beta_ptr + s0 + offs_s, mask=mask_s, other=0.0).to(tl.float32)
             a = ((a.to(tl.float32) - mean_a[:, None]) * rstd_a[:, None] * gamma_a[None, :]
-                 + beta_a[None, :]).to(a_ptr.dtype.element_ty)
+                 + beta_a[None, :]).to(b_ptr.dtype.element_ty)
         if A_PRO == 2:
-            a = _gelu(a.to(tl.float32)).to(a_ptr.dtype.element_ty)
+            a = _gelu(a.to(tl.float32)).to(b_ptr.dtype.element_ty)
         if B_PRO == 1:
             mean_b = tl.load(mean_ptr + s0 + offs_s, mask=mask_s, other=0.0)
             rstd_b = tl.load(rstd_ptr + s0 + offs_s, mask=mask_s, other=0.0)
             b = (b.to(tl.float32) - mean_b[:, None]) * rstd_b[:, None] * gamma_b[None, :] + beta_b[None, :]
-            b = tl.where(mask_s[:, None], b, 0.0).to(b_ptr.dtype.element_ty)
+            b = tl.where(mask_s[:, None], b, 0.0).to(a_ptr.dtype.element_ty)
         if B_PRO == 2:
-            b = _gelu(b.to(tl.float32)).to(b_ptr.dtype.element_ty)
+            b = _gelu(b.to(tl.float32)).to(a_ptr.dtype.element_ty)
         if IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
@@ -320,7 +322,9 @@ def _gemm(a, b, out, bias=None, residual=None, z=None, gelu=False, a_pro=PRO_NON
     """out[P, Q] = epilogue(a'[P, S] @ b'[S, Q]); returns out.
 
     a, b: read through their strides; a' / b' are a / b after their prologue (``a_pro`` / ``b_pro``: PRO_NONE,
-    PRO_LN with ``ln = (mean, rstd, gamma, beta)`` of that operand, or PRO_GELU). Epilogue, in order: times
+    PRO_LN with ``ln = (mean, rstd, gamma, beta)`` of that operand, or PRO_GELU), rounded to the other
+    operand's dtype (so an fp32 operand with a prologue may meet a bf16 one; without prologues both operands
+    have one dtype). Epilogue, in order: times
     GELU'(dgelu_z) (dgelu_z (P, Q)); + bias (Q,); z (P, Q) <- the pre-activation; GELU when ``gelu``;
     + residual (P, Q); store; column sums of the stored values into ``colsum`` (from ``colsum_buffer``).
     """
@@ -345,7 +349,7 @@ def _gemm(a, b, out, bias=None, residual=None, z=None, gelu=False, a_pro=PRO_NON
     )
     flags = dict(A_PRO=a_pro, B_PRO=b_pro, DGELU=dgelu_z is not None, HAS_BIAS=bias is not None,
                  SAVE_Z=z is not None, GELU=gelu, HAS_RES=residual is not None, COLSUM=colsum is not None,
-                 IEEE=a.dtype == torch.float32)
+                 IEEE=a.dtype == torch.float32 and b.dtype == torch.float32)
     if triton_interpreter():
         blocks = _interp_blocks(P, Q, S)
         assert colsum is None or blocks["BLOCK_P"] >= _COLSUM_ROWS or P <= blocks["BLOCK_P"]

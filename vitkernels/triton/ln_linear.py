@@ -48,6 +48,17 @@ def empty_unless(wanted: bool, shape, like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(shape if wanted else (0,))
 
 
+def ln_backward(d_ln, grad_s, x2d, ln_weight, ln_bias, mean, rstd, needs_dlw, needs_dlb):
+    """LayerNorm backward from x and its statistics: (dx in x's dtype, d ln_weight, d ln_bias in the
+    parameters' dtype, which is the GEMM's and may be lower than an fp32 x's)."""
+    dx, dlw, dlb = layer_norm_bwd(d_ln, grad_s, x2d, ln_weight, mean, rstd, needs_dlw, needs_dlb)
+    if needs_dlw:
+        dlw = dlw.to(ln_weight.dtype)
+    if needs_dlb:
+        dlb = dlb.to(ln_bias.dtype)
+    return dx, dlw, dlb
+
+
 def ln_linear_fwd(x2d, ln_weight, ln_bias, eps, weight, bias):
     """y (R, M) = LN(x2d) weight^T + bias, and the fp32 row statistics (mean, rstd) of x2d.
 
@@ -55,7 +66,7 @@ def ln_linear_fwd(x2d, ln_weight, ln_bias, eps, weight, bias):
     """
     x2d = unit_cols(x2d)
     mean, rstd = layer_norm_stats(x2d, eps)
-    y = x2d.new_empty((x2d.shape[0], weight.shape[0]))
+    y = weight.new_empty((x2d.shape[0], weight.shape[0]))
     _gemm(x2d, weight.t(), y, bias=bias, a_pro=PRO_LN, ln=ln_operand(x2d, ln_weight, ln_bias, mean, rstd))
     return y, mean, rstd
 
@@ -71,8 +82,8 @@ def ln_linear_bwd(grad_y, x2d, ln_weight, ln_bias, mean, rstd, weight, output_ma
         _gemm(grad_y.t(), x2d, dw, b_pro=PRO_LN, ln=ln_operand(x2d, ln_weight, ln_bias, mean, rstd))
     db = _dz_and_dbias(grad_y, None, False, True)[1] if needs_db else grad_y.new_empty((0,))
     if needs_dx or needs_dlw or needs_dlb:
-        d_ln = _gemm(grad_y, weight, x2d.new_empty((R, K)))  # gradient of LN(x)
-        dx, dlw, dlb = layer_norm_bwd(d_ln, None, x2d, ln_weight, mean, rstd, needs_dlw, needs_dlb)
+        d_ln = _gemm(grad_y, weight, weight.new_empty((R, K)))  # gradient of LN(x), in the GEMM's dtype
+        dx, dlw, dlb = ln_backward(d_ln, None, x2d, ln_weight, ln_bias, mean, rstd, needs_dlw, needs_dlb)
     else:
         dx, dlw, dlb = (x2d.new_empty((0,)) for _ in range(3))
     return (dx if needs_dx else x2d.new_empty((0,))), dlw, dlb, dw, db

@@ -25,9 +25,9 @@ import torch
 
 from vitkernels.ops.ln_mlp import CONTRACT
 from vitkernels.triton import NAMESPACE
-from vitkernels.triton.layer_norm import MAX_C, layer_norm_bwd, layer_norm_stats
+from vitkernels.triton.layer_norm import MAX_C, layer_norm_stats
 from vitkernels.triton.linear import PRO_GELU, PRO_LN, _dz_and_dbias, _gemm, colsum_buffer
-from vitkernels.triton.ln_linear import empty_unless, ln_operand, unit_cols
+from vitkernels.triton.ln_linear import empty_unless, ln_backward, ln_operand, unit_cols
 
 
 def ln_mlp_fwd(x2d, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, add_input):
@@ -36,10 +36,10 @@ def ln_mlp_fwd(x2d, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, f
     x2d = unit_cols(x2d)
     R = x2d.shape[0]
     mean, rstd = layer_norm_stats(x2d, eps)
-    z = x2d.new_empty((R, fc1_weight.shape[0]))
+    z = fc1_weight.new_empty((R, fc1_weight.shape[0]))
     _gemm(x2d, fc1_weight.t(), z, bias=fc1_bias, a_pro=PRO_LN,
           ln=ln_operand(x2d, ln_weight, ln_bias, mean, rstd))
-    y = x2d.new_empty((R, fc2_weight.shape[0]))
+    y = (x2d if add_input else fc2_weight).new_empty((R, fc2_weight.shape[0]))  # an fp32 x is added in fp32
     _gemm(z, fc2_weight.t(), y, bias=fc2_bias, residual=x2d if add_input else None, a_pro=PRO_GELU)
     return y, z, mean, rstd
 
@@ -51,23 +51,24 @@ def ln_mlp_bwd(grad_y, x2d, ln_weight, ln_bias, mean, rstd, fc1_weight, fc2_weig
     x2d = unit_cols(x2d)
     R, C = x2d.shape
     H = fc1_weight.shape[0]
+    g = grad_y.to(fc2_weight.dtype)  # an fp32 y (fp32 residual stream): its GEMM branch is in the weights' dtype
     dw2 = empty_unless(needs_dw2, fc2_weight.shape, fc2_weight)
     if needs_dw2:
-        _gemm(grad_y.t(), z, dw2, b_pro=PRO_GELU)
-    db2 = _dz_and_dbias(grad_y, None, False, True)[1] if needs_db2 else grad_y.new_empty((0,))
+        _gemm(g.t(), z, dw2, b_pro=PRO_GELU)
+    db2 = _dz_and_dbias(g, None, False, True)[1] if needs_db2 else g.new_empty((0,))
     dx = dlw = dlb = dw1 = db1 = None
     if any(output_mask[:5]):
         partial = colsum_buffer(R, H, z.device) if needs_db1 else None
-        dz = _gemm(grad_y, fc2_weight, z.new_empty((R, H)), dgelu_z=z, colsum=partial)
+        dz = _gemm(g, fc2_weight, z.new_empty((R, H)), dgelu_z=z, colsum=partial)
         if needs_db1:
             db1 = partial.sum(0).to(z.dtype)
         if needs_dw1:
             dw1 = _gemm(dz.t(), x2d, fc1_weight.new_empty(fc1_weight.shape), b_pro=PRO_LN,
                         ln=ln_operand(x2d, ln_weight, ln_bias, mean, rstd))
         if needs_dx or needs_dlw or needs_dlb:
-            d_ln = _gemm(dz, fc1_weight, x2d.new_empty((R, C)))  # gradient of LN(x)
-            dx, dlw, dlb = layer_norm_bwd(d_ln, grad_y if add_input else None, x2d, ln_weight, mean, rstd,
-                                          needs_dlw, needs_dlb)
+            d_ln = _gemm(dz, fc1_weight, fc1_weight.new_empty((R, C)))  # gradient of LN(x)
+            dx, dlw, dlb = ln_backward(d_ln, grad_y if add_input else None, x2d, ln_weight, ln_bias, mean, rstd,
+                                       needs_dlw, needs_dlb)
     grads = (dx, dlw, dlb, dw1, db1, dw2, db2)
     return tuple(g if wanted and g is not None else x2d.new_empty((0,)) for g, wanted in zip(grads, output_mask))
 
