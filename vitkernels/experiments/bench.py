@@ -19,6 +19,10 @@ divided by time, MFU against ``vitkernels.experiments.mfu.PEAK_TFLOPS``. A provi
 Default: on a GPU vit_base_patch16_224 at 224, bf16, batch 256; on a CPU a tiny ViT (depth 4) at 32 px in
 fp32, batch 16 (under 2 minutes: Triton's interpreter and the extension's C++ twin are for tests, and
 compiling takes minutes on a small CPU, so those rows are skipped there unless --providers names them).
+
+``--memory``: instead of timing, the memory report (``vitkernels/experiments/memory.py``): bytes saved for the
+backward, the peak of a training step (estimated under FakeTensorMode, so ViT-B/16 at batch 256 costs seconds on
+a CPU; measured as well on a GPU), an HBM-traffic proxy and gradient checkpointing, each against timm eager.
 """
 
 from __future__ import annotations
@@ -67,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, help="untimed steps first (compilation, autotuning)")
     p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU (default: the device table)")
     p.add_argument("--device", help="cuda | cpu (default: cuda when present)")
+    p.add_argument("--memory", action="store_true",
+                   help="instead of timing, report memory (vitkernels/experiments/memory.py): bytes saved for the "
+                        "backward, the peak of a training step (estimated without compute; measured too on a GPU), "
+                        "an HBM-traffic proxy and gradient checkpointing, vs timm eager. Defaults: "
+                        "vit_base_patch16_224, the peak at --batch-size 256 under --dtype bf16. Fake tensors live "
+                        "on the GPU when one is visible, else on the CPU (--device is not used)")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -253,10 +263,30 @@ def format_row(row: dict) -> str:
             f"{fmt(row['peak_mem_mb'], '8.0f'):>8s} {fmt(row['speedup_vs_eager'], '7.2f', 'x'):>8s}")
 
 
+def write_json(path: str | None, report: dict) -> None:
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2, default=str)
+        print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"vitkernels bench on {device_name(torch.device(device))}")
+    if args.memory:
+        from vitkernels.experiments import memory
+
+        print("memory report (estimates under FakeTensorMode: no compute) ...", flush=True)
+        try:
+            report = memory.report(args)
+        except ValueError as exc:
+            print(f"vitkernels bench: error: {exc}", file=sys.stderr)
+            return 2
+        print(memory.format_table(report))
+        write_json(args.out, report)
+        return 0
     print(HEADER, flush=True)
     try:
         report = run(args)
@@ -266,9 +296,5 @@ def main(argv: list[str] | None = None) -> int:
     c = report["config"]
     print(f"{c['model']} {c['model_kwargs']['img_size']}px batch {c['batch_size']} {c['dtype']}; "
           f"median of {c['repeats']} x {c['iters']} steps ({c['timing']}); {report['device']}, {report['date']}")
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2, default=str)
-        print(f"wrote {args.out}")
+    write_json(args.out, report)
     return 0
