@@ -11,6 +11,7 @@ fits (less left than its minimum) is recorded as skipped with the reason:
                build/gpu/_C.abi3.so (carried from a CPU machine, see docs/gpu_day.md) or vitkernels/_C*.so
   tests_bf16   the per-op and model tests in bf16 on CUDA (pytest -k bfloat16)
   bench_model  python -m vitkernels bench: the ViT against timm eager and timm + torch.compile
+  bench_memory python -m vitkernels bench --memory: saved bytes, peak (estimated and measured), traffic
   bench_<op>   benchmarks/bench_<op>.py, one step per op
   tests_full   the whole test suite on CUDA
   memcheck     compute-sanitizer --tool memcheck over one small fwd+bwd case per op and fused backend
@@ -61,7 +62,7 @@ import traceback
 from typing import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPS = ("layer_norm", "linear", "attention", "patch_embed")
+OPS = ("layer_norm", "linear", "attention", "patch_embed", "ln_linear", "ln_mlp")  # vitkernels.backends.OPS
 DEFAULT_BUDGET_S = 540  # one 10-minute device call, less the shell setup and a margin
 RESERVE_S = 10  # kept back from the budget for writing the results
 PREBUILT = os.path.join("build", "gpu", "_C.abi3.so")  # where a carried library is looked for (from ROOT)
@@ -336,11 +337,19 @@ def step_build(check: Check, limit_s: float) -> dict:
 
 
 def step_tests_bf16(check: Check, limit_s: float) -> dict:
-    names = [f"test_{op}.py" for op in OPS] + ["test_vit.py", "test_model_backends.py"]
+    names = [f"test_{op}.py" for op in OPS] + ["test_fused_blocks.py", "test_vit.py", "test_model_backends.py"]
     files = [os.path.join("tests", n) for n in names if os.path.exists(os.path.join(ROOT, "tests", n))]
     if not files:
         return skipped("tests_bf16", "none of tests/" + ", ".join(names) + " exists")
     return check.pytest("tests_bf16", [*files, "-k", "bfloat16 or bf16"], limit_s)
+
+
+def step_bench_memory(check: Check, limit_s: float) -> dict:
+    out = os.path.join(check.log_dir, "bench_memory.json")
+    record = check.command("bench_memory", [check.python, "-m", "vitkernels", "bench", "--memory", "--out", out],
+                           limit_s)
+    _keep_rows(check, "memory", out)
+    return record
 
 
 def step_bench_model(check: Check, limit_s: float) -> dict:
@@ -402,6 +411,8 @@ STEPS = [
     Step("build", 300, 60, "build the extension for this GPU's arch only (none when a prebuilt one fits)", step_build),
     Step("tests_bf16", 150, 45, "bf16 op and model tests on CUDA", step_tests_bf16),
     Step("bench_model", 240, 60, "python -m vitkernels bench: vs timm eager and timm + torch.compile", step_bench_model),
+    Step("bench_memory", 120, 60, "python -m vitkernels bench --memory: estimated and measured peak vs timm eager",
+         step_bench_memory),
     *[Step(f"bench_{op}", 60, 20, f"benchmarks/bench_{op}.py", bench_op_step(op)) for op in OPS],
     Step("tests_full", 300, 90, "the whole test suite on CUDA", step_tests_full),
     Step("memcheck", 120, 40, "compute-sanitizer memcheck, one small fwd+bwd case per op and backend",
@@ -452,6 +463,10 @@ def run_sanitize_cases(device: str = "cuda", dtype: str = "bfloat16") -> int:
                                                 backend=b),
         "linear": lambda b: vk_ops.linear(leaf(3, 7, 40), leaf(24, 40), leaf(24), activation="gelu",
                                           residual=leaf(3, 7, 24), backend=b),
+        "ln_linear": lambda b: vk_ops.ln_linear(leaf(3, 7, 40), leaf(40), leaf(40), leaf(24, 40), leaf(24),
+                                                backend=b),
+        "ln_mlp": lambda b: vk_ops.ln_mlp(leaf(3, 67, 40), leaf(40), leaf(40), leaf(72, 40), leaf(72),
+                                          leaf(40, 72), leaf(40), add_input=True, backend=b),
     }
     failures = 0
     for backend in ("triton", "cuda"):

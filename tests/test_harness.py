@@ -12,10 +12,10 @@ import sys
 import pytest
 import torch
 
+from vitkernels.backends import OPS  # every op has its benchmarks/bench_<op>.py
 from vitkernels.experiments import harness
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPS = ("layer_norm", "linear", "attention", "patch_embed")
 CPU = torch.device("cpu")
 
 
@@ -138,6 +138,12 @@ def _small_cases(op: str, monkeypatch) -> list[harness.Case]:
     if op == "attention":
         monkeypatch.setitem(bench.CASES, "tiny", (2, 3, 13, 16))
         return [bench.case("tiny")]
+    if op == "ln_linear":
+        monkeypatch.setitem(bench.CASES, "tiny", (24, 40))
+        return [bench.case("tiny", 1)]
+    if op == "ln_mlp":
+        monkeypatch.setitem(bench.CASES, "tiny", (24, 40))
+        return [bench.case("tiny", 1)]
     return bench.cases(batch=2, img=16, P=8, D=24, C=3)
 
 
