@@ -103,6 +103,8 @@ def _linear_gemm_kernel(
     P,  # rows of out
     Q,  # columns of out
     S,  # reduction length
+    s_per_split,  # reduction rows per program along grid axis 1 (split-K; S when not split), a multiple of 64
+    stride_split,  # out's stride between split-K partials (out is then (splits, P, Q) fp32); 0 when not split
     stride_ap, stride_as,  # strides of a
     stride_bs, stride_bq,  # strides of b
     stride_op, stride_oq,  # strides of out
@@ -126,6 +128,7 @@ def _linear_gemm_kernel(
     # Grouped ordering: walk GROUP_P row-blocks down a column of tiles before moving right, so that the
     # programs running together read the same b tiles (and few distinct a tiles) from L2.
     pid = tl.program_id(0)
+    pid_split = tl.program_id(1)  # split-K: this program reduces rows [s_begin, s_end) of S
     num_p = tl.cdiv(P, BLOCK_P)
     num_q = tl.cdiv(Q, BLOCK_Q)
     group_size = GROUP_P * num_q
@@ -139,9 +142,13 @@ def _linear_gemm_kernel(
     offs_s = tl.arange(0, BLOCK_S)
     mask_p = offs_p < P
     mask_q = offs_q < Q
+    s_begin = pid_split * s_per_split
+    s_end = tl.minimum(S, s_begin + s_per_split)
     # 64-bit row/column offsets: P * stride can exceed 2^31 at large batch sizes.
-    a_ptrs = a_ptr + offs_p[:, None].to(tl.int64) * stride_ap + offs_s[None, :] * stride_as
-    b_ptrs = b_ptr + offs_s[:, None] * stride_bs + offs_q[None, :].to(tl.int64) * stride_bq
+    a_ptrs = (a_ptr + offs_p[:, None].to(tl.int64) * stride_ap
+              + (s_begin + offs_s[None, :]).to(tl.int64) * stride_as)
+    b_ptrs = (b_ptr + (s_begin + offs_s[:, None]).to(tl.int64) * stride_bs
+              + offs_q[None, :].to(tl.int64) * stride_bq)
     # The statistics or affine parameters that stay fixed along the loop are loaded once.
     if A_PRO == 1:
         mean_a = tl.load(mean_ptr + offs_p, mask=mask_p, other=0.0)
@@ -151,8 +158,8 @@ def _linear_gemm_kernel(
         beta_b = tl.load(beta_ptr + offs_q, mask=mask_q, other=0.0).to(tl.float32)
 
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-    for s0 in range(0, S, BLOCK_S):
-        mask_s = (s0 + offs_s) < S
+    for s0 in range(s_begin, s_end, BLOCK_S):
+        mask_s = (s0 + offs_s) < s_end
         if EVEN_S:
             a = tl.load(a_ptrs, mask=mask_p[:, None], other=0.0)
             b = tl.load(b_ptrs, mask=mask_q[None, :], other=0.0)
@@ -185,7 +192,40 @@ def _linear_gemm_kernel(
         a_ptrs += BLOCK_S * stride_as
         b_ptrs += BLOCK_S * stride_bs
 
-    # Epilogue, all in fp32: [z = acc * GELU'(z_saved)]; z += bias; y = GELU(z); y += residual.
+    # Epilogue in two column halves (Triton tutorial 09's epilogue subtiling): the residual / z / bias loads
+    # and the GELU temporaries then live for half a tile at a time, which keeps the large Hopper tiles under
+    # the 255-register cap (no spills; the audit in vitkernels/experiments/audit.py checks it).
+    out_ptr += pid_split.to(tl.int64) * stride_split
+    if BLOCK_Q >= 32:
+        halves = tl.split(tl.permute(tl.reshape(acc, (BLOCK_P, 2, BLOCK_Q // 2)), (0, 2, 1)))
+        offs_half = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q // 2)
+        _epilogue(halves[0], offs_p, offs_half, pid_p, P, Q, out_ptr, bias_ptr, res_ptr, z_ptr, partial_ptr,
+                  stride_op, stride_oq, stride_rp, stride_rq, stride_zp, stride_zq,
+                  DGELU, HAS_BIAS, SAVE_Z, GELU, HAS_RES, COLSUM, BLOCK_P)
+        _epilogue(halves[1], offs_p, offs_half + BLOCK_Q // 2, pid_p, P, Q, out_ptr, bias_ptr, res_ptr, z_ptr,
+                  partial_ptr, stride_op, stride_oq, stride_rp, stride_rq, stride_zp, stride_zq,
+                  DGELU, HAS_BIAS, SAVE_Z, GELU, HAS_RES, COLSUM, BLOCK_P)
+    else:
+        _epilogue(acc, offs_p, offs_q, pid_p, P, Q, out_ptr, bias_ptr, res_ptr, z_ptr, partial_ptr,
+                  stride_op, stride_oq, stride_rp, stride_rq, stride_zp, stride_zq,
+                  DGELU, HAS_BIAS, SAVE_Z, GELU, HAS_RES, COLSUM, BLOCK_P)
+
+
+@triton.jit
+def _epilogue(
+    acc,  # (BLOCK_P, W) fp32: the product for rows offs_p and columns offs_q
+    offs_p, offs_q,  # (BLOCK_P,), (W,) row and column indices of acc
+    pid_p,  # the tile's index along P (its COLSUM partial rows)
+    P, Q,  # out's shape
+    out_ptr, bias_ptr, res_ptr, z_ptr, partial_ptr,  # as in _linear_gemm_kernel
+    stride_op, stride_oq, stride_rp, stride_rq, stride_zp, stride_zq,
+    DGELU: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_Z: tl.constexpr, GELU: tl.constexpr,
+    HAS_RES: tl.constexpr, COLSUM: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """All in fp32: [z = acc * GELU'(z_saved)]; z += bias; [store z]; y = GELU(z); y += residual; store y;
+    [partial column sums of the stored y]."""
+    mask_p = offs_p < P
+    mask_q = offs_q < Q
     mask = mask_p[:, None] & mask_q[None, :]
     rows = offs_p[:, None].to(tl.int64)
     cols = offs_q[None, :].to(tl.int64)
@@ -212,7 +252,7 @@ def _linear_gemm_kernel(
         y = tl.where(mask, y.to(tl.float32), 0.0)
         if BLOCK_P > COLSUM_ROWS:
             n_slices = tl.cdiv(P, COLSUM_ROWS)
-            parts = tl.sum(tl.reshape(y, (BLOCK_P // COLSUM_ROWS, COLSUM_ROWS, BLOCK_Q)), axis=1)
+            parts = tl.sum(tl.reshape(y, (BLOCK_P // COLSUM_ROWS, COLSUM_ROWS, y.shape[1])), axis=1)
             prow = pid_p * (BLOCK_P // COLSUM_ROWS) + tl.arange(0, BLOCK_P // COLSUM_ROWS)
             tl.store(partial_ptr + prow[:, None].to(tl.int64) * Q + cols, parts,
                      mask=(prow < n_slices)[:, None] & mask_q[None, :])
@@ -285,31 +325,60 @@ def _gpu_configs():
 # per process; the first call per new key spends ~1 s benchmarking (warm up before CUDA-graph capture).
 # TRITON_CACHE_AUTOTUNING=1 persists the choice on disk across processes, keyed by the kernel source and the
 # key only, not by the GPU model or clocks: clear the Triton cache when moving the cache between machines.
-def _prune_heavy_epilogues(configs, named_args, **kwargs):
-    """Tiles whose epilogue fits the registers. With GELU'(z) (DGELU) or per-slice column sums (COLSUM) the
-    epilogue holds a second fp32 tile; compiled for sm_90a (ptxas -v), every config with more than 2,048
-    accumulator elements per warp then spills 1.1-1.3 KB per thread, and none with at most 2,048 spills."""
-    if not (kwargs.get("DGELU") or kwargs.get("COLSUM")):
-        return configs
-    return [c for c in configs if c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_Q"] <= 2048 * c.num_warps]
+def _smem_limit(device) -> int:
+    """Shared memory one block may use on ``device`` (opt-in maximum); H100's 227 KB when unknown."""
+    try:
+        return int(torch.cuda.get_device_properties(device).shared_memory_per_block_optin)
+    except Exception:  # noqa: BLE001 - no device (a static audit), or a property this torch lacks
+        return 227 * 1024
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """The tiles that compile within the target's limits, without spills, for this launch's prologues and
+    epilogue. The rules come from compiling every config for sm_90a (ptxas -v, ``python -m vitkernels
+    audit``) at ViT-B/16 and ViT-L/16 shapes, with the subtiled epilogue:
+      - shared memory: num_stages x (BLOCK_P + BLOCK_Q) x BLOCK_S x element size within the per-block limit
+        (drops the large fp32 tiles; Triton's pipelining allocates exactly this for these kernels);
+      - GELU'(z) or column sums in the epilogue (DGELU, COLSUM): at most 2,048 accumulator elements per warp
+        (larger tiles spill 52-152 B per thread);
+      - a GELU prologue on a 256-long side of the tile (fc2's z tiles, dW2's b tiles): spills 84-236 B;
+      - GELU + saving z with 256-row tiles: spills 8 B.
+    Each variant keeps at least one 128 x 256 or 256 x 128 (or 128 x 128 x 64, 8-warp) tile."""
+    a = named_args.get("a_ptr")
+    elem = a.element_size() if isinstance(a, torch.Tensor) else 2
+    limit = _smem_limit(a.device) if isinstance(a, torch.Tensor) and a.is_cuda else 227 * 1024
+    keep = []
+    for c in configs:
+        bp, bq, bs, warps = c.kwargs["BLOCK_P"], c.kwargs["BLOCK_Q"], c.kwargs["BLOCK_S"], c.num_warps
+        if c.num_stages * (bp + bq) * bs * elem > limit:
+            continue
+        if (kwargs.get("DGELU") or kwargs.get("COLSUM")) and bp * bq > 2048 * warps:
+            continue
+        if (kwargs.get("A_PRO") == PRO_GELU and bp >= 256) or (kwargs.get("B_PRO") == PRO_GELU and bq >= 256):
+            continue
+        if kwargs.get("GELU") and kwargs.get("SAVE_Z") and bp >= 256:
+            continue
+        keep.append(c)
+    return keep
 
 
 _linear_gemm_kernel_tuned = triton.autotune(
     configs=_gpu_configs(),
     key=["P", "Q", "S", "stride_as", "stride_bq", "A_PRO", "B_PRO", "DGELU", "GELU", "HAS_RES", "COLSUM"],
-    prune_configs_by={"early_config_prune": _prune_heavy_epilogues},
+    prune_configs_by={"early_config_prune": _prune_configs},
 )(_linear_gemm_kernel)
 
 
-def _interp_blocks(P, Q, S):
-    """The one config used under the interpreter (no autotuning): 64-wide tiles, shrunk to the next power of
-    two >= 16 for tiny dims, because the interpreter's cost is per program and per element of padded tile
-    (its dots and erf run in numpy loops). Tiles stay larger than the tail of every test shape, so the masks
-    and the grouped ordering are exercised."""
+def interp_config(P, Q, S):
+    """(block sizes, num_warps) of the one config used under the interpreter (no autotuning): 64-wide tiles,
+    shrunk to the next power of two >= 16 for tiny dims, because the interpreter's cost is per program and per
+    element of padded tile (its dots and erf run in numpy loops). Tiles stay larger than the tail of every
+    test shape, so the masks and the grouped ordering are exercised. tests/test_linear_configs.py replaces
+    it with each GPU config in turn, so the tiles a GPU runs are checked numerically on the CPU too."""
     def fit(n):
         return min(64, max(16, triton.next_power_of_2(n)))
 
-    return {"BLOCK_P": fit(P), "BLOCK_Q": fit(Q), "BLOCK_S": fit(S), "GROUP_P": 4}
+    return {"BLOCK_P": fit(P), "BLOCK_Q": fit(Q), "BLOCK_S": fit(S), "GROUP_P": 4}, 4
 
 
 def colsum_buffer(P, Q, device):
@@ -317,16 +386,40 @@ def colsum_buffer(P, Q, device):
     return torch.empty((triton.cdiv(P, _COLSUM_ROWS), Q), device=device, dtype=torch.float32)
 
 
+# Split-K for the weight-gradient GEMMs (dW = dz^T x: a small output, 768..4096 squared, reduced over all
+# B * N token rows): without it a ViT-B/16 dW launches 18 to 216 tiles on 132 SMs, under one wave. The
+# reduction is split into row ranges, each program writes an fp32 partial, and one torch.sum over the splits
+# (a fixed order: no atomics, bit-identical reruns) finishes it.
+_SPLIT_ALIGN = 64  # split boundaries are multiples of every BLOCK_S, so EVEN_S holds per split
+_SPLIT_MIN_ROWS = 512  # each split reduces at least this many rows (GPU); fewer is not worth a partial
+_SPLIT_MAX = 32
+_LARGEST_TILE = max(c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_Q"] for c in _gpu_configs())
+
+
+def split_count(P, Q, S, device) -> int:
+    """Splits of the reduction so that even the largest tile fills two waves: ceil(2 * SMs / tiles), tiles
+    counted with the largest tile at one CTA per SM (smaller tiles come with proportionally more tiles and
+    more CTAs per SM). Under the interpreter: 2 "SMs" and 64-row splits, so small test shapes split too."""
+    if triton_interpreter():
+        sms, min_rows, largest = 2, _SPLIT_ALIGN, 64 * 64
+    else:
+        sms, min_rows, largest = (torch.cuda.get_device_properties(device).multi_processor_count, _SPLIT_MIN_ROWS,
+                                  _LARGEST_TILE)
+    tiles = max(1, P * Q // largest)
+    return max(1, min(triton.cdiv(2 * sms, tiles), S // min_rows, _SPLIT_MAX))
+
+
 def _gemm(a, b, out, bias=None, residual=None, z=None, gelu=False, a_pro=PRO_NONE, b_pro=PRO_NONE, ln=None,
-          dgelu_z=None, colsum=None):
+          dgelu_z=None, colsum=None, split_k=False):
     """out[P, Q] = epilogue(a'[P, S] @ b'[S, Q]); returns out.
 
     a, b: read through their strides; a' / b' are a / b after their prologue (``a_pro`` / ``b_pro``: PRO_NONE,
     PRO_LN with ``ln = (mean, rstd, gamma, beta)`` of that operand, or PRO_GELU), rounded to the other
     operand's dtype (so an fp32 operand with a prologue may meet a bf16 one; without prologues both operands
-    have one dtype). Epilogue, in order: times
-    GELU'(dgelu_z) (dgelu_z (P, Q)); + bias (Q,); z (P, Q) <- the pre-activation; GELU when ``gelu``;
-    + residual (P, Q); store; column sums of the stored values into ``colsum`` (from ``colsum_buffer``).
+    have one dtype). Epilogue, in order: times GELU'(dgelu_z) (dgelu_z (P, Q)); + bias (Q,); z (P, Q) <- the
+    pre-activation; GELU when ``gelu``; + residual (P, Q); store; column sums of the stored values into
+    ``colsum`` (from ``colsum_buffer``). ``split_k``: reduce S in ``split_count`` ranges into fp32 partials
+    and sum them (weight gradients; no epilogue then).
     """
     P, S = a.shape
     Q = b.shape[1]
@@ -336,31 +429,39 @@ def _gemm(a, b, out, bias=None, residual=None, z=None, gelu=False, a_pro=PRO_NON
         return out
     if z is not None and dgelu_z is not None:
         raise ValueError("_gemm: z is either written (SAVE_Z) or read (DGELU), not both")
+    splits = split_count(P, Q, S, a.device) if split_k else 1
+    if splits > 1 and any(t is not None for t in (bias, residual, z, dgelu_z, colsum)) or splits > 1 and gelu:
+        raise ValueError("_gemm: split-K runs without an epilogue")
+    s_per_split = S if splits == 1 else triton.cdiv(triton.cdiv(S, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
+    splits = triton.cdiv(S, s_per_split) if splits > 1 else 1  # aligned ranges may need one split fewer
+    target = out if splits == 1 else torch.empty((splits, P, Q), device=out.device, dtype=torch.float32)
     dummy = out
     res = residual if residual is not None else dummy
     zt = z if z is not None else (dgelu_z if dgelu_z is not None else dummy)
     mean, rstd, gamma, beta = ln if ln is not None else (dummy,) * 4
     args = (
-        a, b, out, bias if bias is not None else dummy, res, zt, mean, rstd, gamma, beta,
+        a, b, target, bias if bias is not None else dummy, res, zt, mean, rstd, gamma, beta,
         colsum if colsum is not None else dummy,
-        P, Q, S,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        P, Q, S, s_per_split, target.stride(0) if target.dim() == 3 else 0,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), target.stride(-2), target.stride(-1),
         res.stride(0), res.stride(1), zt.stride(0), zt.stride(1),
     )
     flags = dict(A_PRO=a_pro, B_PRO=b_pro, DGELU=dgelu_z is not None, HAS_BIAS=bias is not None,
                  SAVE_Z=z is not None, GELU=gelu, HAS_RES=residual is not None, COLSUM=colsum is not None,
                  IEEE=a.dtype == torch.float32 and b.dtype == torch.float32)
     if triton_interpreter():
-        blocks = _interp_blocks(P, Q, S)
+        blocks, warps = interp_config(P, Q, S)
         assert colsum is None or blocks["BLOCK_P"] >= _COLSUM_ROWS or P <= blocks["BLOCK_P"]
-        grid = (triton.cdiv(P, blocks["BLOCK_P"]) * triton.cdiv(Q, blocks["BLOCK_Q"]),)
-        _linear_gemm_kernel[grid](*args, **flags, **blocks, num_warps=4)
+        grid = (triton.cdiv(P, blocks["BLOCK_P"]) * triton.cdiv(Q, blocks["BLOCK_Q"]), splits)
+        _linear_gemm_kernel[grid](*args, **flags, **blocks, num_warps=warps)
     else:
         def grid(meta):
-            return (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(Q, meta["BLOCK_Q"]),)
+            return (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(Q, meta["BLOCK_Q"]), splits)
 
         with torch.cuda.device(a.device):
             _linear_gemm_kernel_tuned[grid](*args, **flags)
+    if target is not out:
+        torch.sum(target, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(target.sum(0))
     return out
 
 
@@ -424,7 +525,7 @@ def linear_bwd(dy, x2d, weight, z, activation, needs_dx, needs_dw, needs_db):
     if needs_dx:
         dx = _gemm(dz, weight, torch.empty(x2d.shape, device=x2d.device, dtype=x2d.dtype))
     if needs_dw:
-        dw = _gemm(dz.t(), x2d, torch.empty(weight.shape, device=weight.device, dtype=weight.dtype))
+        dw = _gemm(dz.t(), x2d, torch.empty(weight.shape, device=weight.device, dtype=weight.dtype), split_k=True)
     return tuple(t if t is not None else dy.new_empty((0,)) for t in (dx, dw, db))
 
 

@@ -79,7 +79,7 @@ def ln_linear_bwd(grad_y, x2d, ln_weight, ln_bias, mean, rstd, weight, output_ma
     R, K = x2d.shape
     dw = empty_unless(needs_dw, weight.shape, weight)
     if needs_dw:
-        _gemm(grad_y.t(), x2d, dw, b_pro=PRO_LN, ln=ln_operand(x2d, ln_weight, ln_bias, mean, rstd))
+        _gemm(grad_y.t(), x2d, dw, b_pro=PRO_LN, ln=ln_operand(x2d, ln_weight, ln_bias, mean, rstd), split_k=True)
     db = _dz_and_dbias(grad_y, None, False, True)[1] if needs_db else grad_y.new_empty((0,))
     if needs_dx or needs_dlw or needs_dlb:
         d_ln = _gemm(grad_y, weight, weight.new_empty((R, K)))  # gradient of LN(x), in the GEMM's dtype

@@ -54,7 +54,7 @@ def ln_mlp_bwd(grad_y, x2d, ln_weight, ln_bias, mean, rstd, fc1_weight, fc2_weig
     g = grad_y.to(fc2_weight.dtype)  # an fp32 y (fp32 residual stream): its GEMM branch is in the weights' dtype
     dw2 = empty_unless(needs_dw2, fc2_weight.shape, fc2_weight)
     if needs_dw2:
-        _gemm(g.t(), z, dw2, b_pro=PRO_GELU)
+        _gemm(g.t(), z, dw2, b_pro=PRO_GELU, split_k=True)
     db2 = _dz_and_dbias(g, None, False, True)[1] if needs_db2 else g.new_empty((0,))
     dx = dlw = dlb = dw1 = db1 = None
     if any(output_mask[:5]):
@@ -64,7 +64,7 @@ def ln_mlp_bwd(grad_y, x2d, ln_weight, ln_bias, mean, rstd, fc1_weight, fc2_weig
             db1 = partial.sum(0).to(z.dtype)
         if needs_dw1:
             dw1 = _gemm(dz.t(), x2d, fc1_weight.new_empty(fc1_weight.shape), b_pro=PRO_LN,
-                        ln=ln_operand(x2d, ln_weight, ln_bias, mean, rstd))
+                        ln=ln_operand(x2d, ln_weight, ln_bias, mean, rstd), split_k=True)
         if needs_dx or needs_dlw or needs_dlb:
             d_ln = _gemm(dz, fc1_weight, fc1_weight.new_empty((R, C)))  # gradient of LN(x)
             dx, dlw, dlb = ln_backward(d_ln, grad_y if add_input else None, x2d, ln_weight, ln_bias, mean, rstd,

@@ -1,0 +1,113 @@
+"""Every tile the GPU autotuner may pick for the linear GEMM, checked numerically on the CPU.
+
+Under TRITON_INTERPRET the launchers use one small interpreter config (``linear.interp_config``); here it is
+replaced by each of ``linear._gpu_configs()`` in turn (after the autotuner's own pruning for the epilogue),
+so each tile shape's tail masks, grouped ordering, subtiled epilogue and split-K arithmetic run against a
+float64 oracle: every GEMM variant the ops launch (epilogues, LayerNorm / GELU prologues on either operand,
+GELU' + column sums, split-K), on shapes with a tail in every dimension. fp32 operands ("ieee" dots, exact
+in the interpreter) and fp16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from oracle import require_backend
+
+P, Q, S = 130, 140, 70  # one partial tile along every dimension for every config (tiles 64..256, BLOCK_S 32/64)
+P_DW, Q_DW, S_DW = 40, 50, 300  # a weight-gradient GEMM: small output, long reduction (split-K)
+
+
+def _configs():
+    from vitkernels.triton.linear import _gpu_configs
+
+    return _gpu_configs()
+
+
+def _config_id(c):
+    k = c.kwargs
+    return f"{k['BLOCK_P']}x{k['BLOCK_Q']}x{k['BLOCK_S']}_w{c.num_warps}"
+
+
+def _gelu_grad(z):
+    return 0.5 * (1 + torch.erf(z / 2**0.5)) + z * torch.exp(-0.5 * z * z) / (2 * torch.pi) ** 0.5
+
+
+def _ln(t, stats_dim):
+    """LayerNorm statistics of t's rows (stats_dim=1) or columns (stats_dim=0), fp32, as the op computes them."""
+    t = t.double()
+    mean = t.mean(stats_dim)
+    rstd = (t.var(stats_dim, unbiased=False) + 1e-6).rsqrt()
+    return mean.float(), rstd.float()
+
+
+VARIANTS = ("bias_residual", "gelu_save_z", "ln_prologue_a", "gelu_prologue_a_residual", "dgelu_colsum",
+            "ln_prologue_b_split", "gelu_prologue_b_split")
+
+
+def _run(L, variant, dtype):
+    """(ours, oracle) pairs of one _gemm launch of ``variant``."""
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    split = variant.endswith("split")
+    p, q, s = (P_DW, Q_DW, S_DW) if split else (P, Q, S)
+    a, b = rnd(s, p).t() if split else rnd(p, s), rnd(s, q)  # dW's a is a transposed view, as dz.t()
+    bias, res, zin = rnd(q), rnd(p, q), rnd(p, q)
+    out = torch.empty(p, q, dtype=dtype)
+    A, B = a.double(), b.double()
+    if variant == "bias_residual":
+        L._gemm(a, b, out, bias=bias, residual=res)
+        return [(out, A @ B + bias.double() + res.double())]
+    if variant == "gelu_save_z":
+        z = torch.empty(p, q, dtype=dtype)
+        L._gemm(a, b, out, bias=bias, z=z, gelu=True)
+        zr = A @ B + bias.double()
+        return [(z, zr), (out, F.gelu(zr))]
+    if variant == "ln_prologue_a":
+        mean, rstd = _ln(a, 1)
+        gamma, beta = rnd(s), rnd(s)
+        L._gemm(a, b, out, bias=bias, a_pro=L.PRO_LN, ln=(mean, rstd, gamma, beta))
+        an = F.layer_norm(A, (s,), gamma.double(), beta.double(), 1e-6)
+        return [(out, an.to(dtype).double() @ B + bias.double())]
+    if variant == "gelu_prologue_a_residual":
+        L._gemm(a, b, out, bias=bias, residual=res, a_pro=L.PRO_GELU)
+        return [(out, F.gelu(A).to(dtype).double() @ B + bias.double() + res.double())]
+    if variant == "dgelu_colsum":
+        partial = L.colsum_buffer(p, q, a.device)
+        L._gemm(a, b, out, dgelu_z=zin, colsum=partial)
+        dz = (A @ B) * _gelu_grad(zin.double())
+        return [(out, dz), (partial.sum(0), dz.to(dtype).double().sum(0))]
+    if variant == "ln_prologue_b_split":
+        mean, rstd = _ln(b, 1)
+        gamma, beta = rnd(q), rnd(q)
+        L._gemm(a, b, out, b_pro=L.PRO_LN, ln=(mean, rstd, gamma, beta), split_k=True)
+        bn = F.layer_norm(B, (q,), gamma.double(), beta.double(), 1e-6)
+        return [(out, A @ bn.to(dtype).double())]
+    L._gemm(a, b, out, b_pro=L.PRO_GELU, split_k=True)
+    return [(out, A @ F.gelu(B).to(dtype).double())]
+
+
+_FLAGS = {"dgelu_colsum": dict(DGELU=True, COLSUM=True), "gelu_save_z": dict(GELU=True, SAVE_Z=True),
+          "gelu_prologue_a_residual": dict(A_PRO=2), "gelu_prologue_b_split": dict(B_PRO=2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("config", _configs(), ids=_config_id)
+def test_gpu_config_in_the_interpreter(monkeypatch, config, variant, dtype):
+    require_backend("triton", "linear")
+    from vitkernels.triton import linear as L
+
+    if config not in L._prune_configs([config], {}, **_FLAGS.get(variant, {})):
+        pytest.skip("the autotuner prunes this tile for this launch (it spills on sm_90a)")
+    monkeypatch.setattr(L, "interp_config", lambda *_: (dict(config.kwargs), config.num_warps))
+    if variant.endswith("split"):
+        assert L.split_count(P_DW, Q_DW, S_DW, torch.device("cpu")) > 1  # the split path is what runs
+    for ours, oracle in _run(L, variant, dtype):
+        assert torch.isfinite(ours).all()
+        scale = oracle.abs().max().item()
+        tol = (2e-5 if dtype == torch.float32 else 4e-3) * max(scale, 1.0) * (S_DW / 64 if variant.endswith("split") else 1)
+        err = (ours.double() - oracle).abs().max().item()
+        assert err <= tol, f"{variant} {_config_id(config)} {dtype}: max error {err:.3e} > {tol:.3e}"
