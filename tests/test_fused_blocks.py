@@ -349,20 +349,22 @@ def test_fused_ops_fp32_input_under_autocast(backend, op):
 
 @pytest.mark.parametrize("backend", AMP_BACKENDS)
 def test_fp32_residual_stream_under_autocast(backend):
-    """fp32_residual=True keeps the blocks' outputs fp32 under autocast (timm's behaviour) and is closer to
-    the fp64 model than the default low-precision stream."""
+    """fp32_residual=True keeps the stream fp32 under autocast (timm's behaviour): block outputs are fp32, and
+    on a stream of large magnitude (|x| ~ 100, where a 16-bit float's spacing is 0.06) the block's output
+    keeps what the branches add, while the default low-precision stream rounds it away."""
+    torch.manual_seed(0)
     images = torch.randn(2, 3, 32, 32, device=DEVICE)
-    oracle = _vit("torch", True).double()(images.double())
+    x = 100 * torch.randn(2, 17, 48, device=DEVICE)  # a block's input: the stream
     errs = {}
     for fp32 in (False, True):
         model = _vit(backend, True, fp32_residual=fp32)
-        dtypes = []
-        handle = model.blocks[0].register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+        block = model.blocks[0]
+        oracle = _vit("torch", True).double().blocks[0](x.double())
         with torch.autocast(DEVICE.type, dtype=AMP_DTYPE):
+            y = block(x if fp32 else x.to(AMP_DTYPE))
             out = model(images)
-        handle.remove()
+        assert y.dtype == (torch.float32 if fp32 else AMP_DTYPE)
         out.float().sum().backward()
-        assert dtypes == [torch.float32 if fp32 else AMP_DTYPE]
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
-        errs[fp32] = (out.double() - oracle).abs().max().item()
-    assert errs[True] < errs[False], errs
+        errs[fp32] = (y.double() - oracle).abs().max().item()
+    assert errs[True] < 0.2 * errs[False], errs
