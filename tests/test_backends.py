@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -105,3 +107,18 @@ def test_patch_embed_validation():
         ops.patch_embed(img, w, None, pos_embed=torch.randn(1, 5, 10), cls_token=torch.randn(1, 1, 10))
     out = ops.patch_embed(img, w, torch.randn(10), pos_embed=torch.randn(1, 7, 10), cls_token=torch.randn(1, 1, 10))
     assert out.shape == (2, 7, 10)
+
+
+def test_autotuning_results_persist_on_disk(monkeypatch):
+    """Every autotuned Triton kernel goes through vitkernels.triton.autotune, which asks Triton to keep the
+    winner on disk (cache_results; Triton itself turns that off under its interpreter)."""
+    triton = pytest.importorskip("triton")
+    import vitkernels.triton as vt
+
+    seen = {}
+    monkeypatch.setattr(triton, "autotune", lambda **kw: seen.update(kw) or (lambda fn: fn))
+    vt.autotune([], ["N"])
+    assert seen["cache_results"] is vt.AUTOTUNE_CACHE is True
+    root = Path(vt.__file__).parent
+    direct = [p.name for p in root.glob("*.py") if p.name != "__init__.py" and "triton.autotune(" in p.read_text()]
+    assert not direct, f"these call triton.autotune directly (no disk cache): {direct}"

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from vitkernels.backends import triton_interpreter
-from vitkernels.triton import NAMESPACE
+from vitkernels.triton import NAMESPACE, autotune
 from vitkernels.ops.attention import CONTRACT, empty_bnhd
 
 __all__ = ["attention", "attention_fwd", "attention_bwd"]
@@ -360,9 +360,9 @@ _BWD_DKDV_CONFIGS = _configs([(32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (
 _BWD_DQ_CONFIGS = _configs([(64, 32, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2), (32, 32, 4, 1)])
 _TUNE_KEY = ["N_Q", "N_K", "HEAD_DIM"]  # the autotuner adds the tensors' dtypes to the key
 
-_fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)(_attention_fwd_kernel)
-_bwd_dkdv_tuned = triton.autotune(configs=_BWD_DKDV_CONFIGS, key=_TUNE_KEY)(_attention_bwd_dkdv_kernel)
-_bwd_dq_tuned = triton.autotune(configs=_BWD_DQ_CONFIGS, key=_TUNE_KEY)(_attention_bwd_dq_kernel)
+_fwd_tuned = autotune(_FWD_CONFIGS, _TUNE_KEY)(_attention_fwd_kernel)
+_bwd_dkdv_tuned = autotune(_BWD_DKDV_CONFIGS, _TUNE_KEY)(_attention_bwd_dkdv_kernel)
+_bwd_dq_tuned = autotune(_BWD_DQ_CONFIGS, _TUNE_KEY)(_attention_bwd_dq_kernel)
 
 # Under the interpreter: one small configuration, no autotuning (num_warps/num_stages are ignored there).
 _INTERPRETER_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64}

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from vitkernels.backends import triton_interpreter
-from vitkernels.triton import NAMESPACE
+from vitkernels.triton import NAMESPACE, autotune
 from vitkernels.ops.layer_norm import CONTRACT
 
 __all__ = ["layer_norm", "layer_norm_fwd", "layer_norm_bwd", "layer_norm_stats", "why_not_supported"]
@@ -215,7 +215,7 @@ def _kernel(which: str, block_c: int, rows: int):
             configs = [triton.Config({}, num_warps=1)]
         else:
             configs = [triton.Config({}, num_warps=w) for w in _warps(block_c, rows)]
-        _TUNED[key] = triton.autotune(configs=configs, key=["C"])(fn)
+        _TUNED[key] = autotune(configs, ["C"])(fn)
     return _TUNED[key]
 
 

@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from vitkernels.backends import triton_interpreter
-from vitkernels.triton import NAMESPACE
+from vitkernels.triton import NAMESPACE, autotune
 from vitkernels.ops.linear import CONTRACT
 
 
@@ -321,10 +321,9 @@ def _gpu_configs():
 
 # Autotuned on GPU; the key holds the GEMM sizes, the operand layout (a transposed operand may favour another
 # tile) and the prologue / epilogue flags (they change register pressure, so the best tile); the autotuner adds
-# the dtypes itself. The kernel only stores, so benchmarking runs are harmless. Caveat: the winner is cached
-# per process; the first call per new key spends ~1 s benchmarking (warm up before CUDA-graph capture).
-# TRITON_CACHE_AUTOTUNING=1 persists the choice on disk across processes, keyed by the kernel source and the
-# key only, not by the GPU model or clocks: clear the Triton cache when moving the cache between machines.
+# the dtypes itself. The kernel only stores, so benchmarking runs are harmless. The first call per new key
+# spends ~1 s benchmarking (warm up before CUDA-graph capture); the winner is kept on disk for later processes
+# (vitkernels/triton/__init__.py: AUTOTUNE_CACHE).
 def _smem_limit(device) -> int:
     """Shared memory one block may use on ``device`` (opt-in maximum); H100's 227 KB when unknown."""
     try:
@@ -362,9 +361,9 @@ def _prune_configs(configs, named_args, **kwargs):
     return keep
 
 
-_linear_gemm_kernel_tuned = triton.autotune(
-    configs=_gpu_configs(),
-    key=["P", "Q", "S", "stride_as", "stride_bq", "A_PRO", "B_PRO", "DGELU", "GELU", "HAS_RES", "COLSUM"],
+_linear_gemm_kernel_tuned = autotune(
+    _gpu_configs(),
+    ["P", "Q", "S", "stride_as", "stride_bq", "A_PRO", "B_PRO", "DGELU", "GELU", "HAS_RES", "COLSUM"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_linear_gemm_kernel)
 

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from vitkernels.backends import triton_interpreter
-from vitkernels.triton import NAMESPACE
+from vitkernels.triton import NAMESPACE, autotune
 from vitkernels.ops.patch_embed import CONTRACT
 
 __all__ = ["patch_embed", "patch_embed_fwd", "patch_embed_bwd"]
@@ -251,14 +251,14 @@ _GEMM_TILES = [
     (64, 64, 64, 4, 3),
 ]
 
-_fwd_kernel = triton.autotune(
-    configs=_configs(("BLOCK_M", "BLOCK_D", "BLOCK_K"), _GEMM_TILES), key=["M", "D", "K"]
+_fwd_kernel = autotune(
+    _configs(("BLOCK_M", "BLOCK_D", "BLOCK_K"), _GEMM_TILES), ["M", "D", "K"]
 )(_patch_embed_fwd_kernel)
-_bwd_dw_kernel = triton.autotune(
-    configs=_configs(("BLOCK_D", "BLOCK_K", "BLOCK_M"), _GEMM_TILES), key=["M", "D", "K"]
+_bwd_dw_kernel = autotune(
+    _configs(("BLOCK_D", "BLOCK_K", "BLOCK_M"), _GEMM_TILES), ["M", "D", "K"]
 )(_patch_embed_bwd_dw_kernel)
-_bwd_dx_kernel = triton.autotune(
-    configs=_configs(("BLOCK_M", "BLOCK_K", "BLOCK_D"), _GEMM_TILES), key=["M", "D", "K"]
+_bwd_dx_kernel = autotune(
+    _configs(("BLOCK_M", "BLOCK_K", "BLOCK_D"), _GEMM_TILES), ["M", "D", "K"]
 )(_patch_embed_bwd_dx_kernel)
 
 
