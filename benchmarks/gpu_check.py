@@ -62,7 +62,7 @@ import traceback
 from typing import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPS = ("layer_norm", "linear", "attention", "patch_embed", "ln_linear", "ln_mlp")  # vitkernels.backends.OPS
+OPS = ("layer_norm", "linear", "attention", "attention_qkv", "patch_embed", "ln_linear", "ln_mlp")  # backends.OPS
 DEFAULT_BUDGET_S = 540  # one 10-minute device call, less the shell setup and a margin
 RESERVE_S = 10  # kept back from the budget for writing the results
 PREBUILT = os.path.join("build", "gpu", "_C.abi3.so")  # where a carried library is looked for (from ROOT)
@@ -463,6 +463,7 @@ def run_sanitize_cases(device: str = "cuda", dtype: str = "bfloat16") -> int:
                                                 backend=b),
         "linear": lambda b: vk_ops.linear(leaf(3, 7, 40), leaf(24, 40), leaf(24), activation="gelu",
                                           residual=leaf(3, 7, 24), backend=b),
+        "attention_qkv": lambda b: vk_ops.attention_qkv(leaf(2, 13, 3 * 3 * 64), 3, backend=b),
         "ln_linear": lambda b: vk_ops.ln_linear(leaf(3, 7, 40), leaf(40), leaf(40), leaf(24, 40), leaf(24),
                                                 backend=b),
         "ln_mlp": lambda b: vk_ops.ln_mlp(leaf(3, 67, 40), leaf(40), leaf(40), leaf(72, 40), leaf(72),

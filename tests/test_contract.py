@@ -65,6 +65,16 @@ def _attention_case():
     return (q, k, v, 0.2), bwd
 
 
+def _attention_qkv_case():
+    qkv = _leaf(2, 19, 3 * 2 * 32)
+
+    def bwd(out):
+        o, lse = out
+        return (torch.randn_like(o), qkv.detach(), o, lse, 2, 0.2)
+
+    return (qkv, 2, 0.2), bwd
+
+
 def _patch_embed_case(cls, pos_rows):
     images = torch.randn(2, 8, 12, 3, device=DEVICE).permute(0, 3, 1, 2).requires_grad_()  # NHWC strides
     w, b = _leaf(10, 3, 4, 4), _leaf(10)
@@ -110,6 +120,7 @@ CASES = {
     "layer_norm": [(_layer_norm_case, (True, True)), (_layer_norm_case, (False, False))],
     "linear": [(_linear_case, (True, True, True)), (_linear_case, (False, False, False))],
     "attention": [(_attention_case, ())],
+    "attention_qkv": [(_attention_qkv_case, ())],
     "patch_embed": [(_patch_embed_case, (True, "N+1")), (_patch_embed_case, (False, None))],
     "ln_linear": [(_ln_linear_case, (True, True)), (_ln_linear_case, (False, False))],
     "ln_mlp": [(_ln_mlp_case, (True, True, True)), (_ln_mlp_case, (False, False, False))],
@@ -190,10 +201,11 @@ def test_auto_falls_back_when_a_kernel_cannot_take_the_inputs(monkeypatch):
     name, _ = backends.resolve("layer_norm", "auto", cuda, torch.float32, (20000,))
     assert name == "torch"
     assert "widths up to 16384" in backends.last_fallbacks()["layer_norm"]["triton"]
-    # Attention puts B * H on CUDA grid axis 1 (at most 65,535): a larger batch falls back, a smaller does not.
-    assert backends.resolve("attention", "auto", cuda, torch.float16, (64, 256 * 12))[0] == "triton"
-    assert backends.resolve("attention", "auto", cuda, torch.float16, (64, 5462 * 12))[0] == "torch"
-    assert "grid axis 1" in backends.last_fallbacks()["attention"]["triton"]
+    # Triton attention puts B * H on CUDA grid axis 0 (2^31 - 1): ViT-B inference at batch 5,462 (B * H past
+    # axis 1's 65,535) stays on triton; past 2^31 - 1 it falls back.
+    assert backends.resolve("attention", "auto", cuda, torch.float16, (64, 5462 * 12))[0] == "triton"
+    assert backends.resolve("attention", "auto", cuda, torch.float16, (64, 2**31))[0] == "torch"
+    assert "grid axis 0" in backends.last_fallbacks()["attention"]["triton"]
     with pytest.raises(BackendError, match=r"widths up to 16384.*All backends: triton: .*torch: ok"):
         backends.resolve("layer_norm", "triton", cuda, torch.float32, (20000,))
 

@@ -368,3 +368,58 @@ def test_fp32_residual_stream_under_autocast(backend):
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
         errs[fp32] = (y.double() - oracle).abs().max().item()
     assert errs[True] < 0.2 * errs[False], errs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention on the fused qkv: d(qkv) in one buffer
+ATTN_QKV = backend_params(*FUSED, op="attention_qkv")
+
+
+@pytest.mark.parametrize("backend", ATTN_QKV)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 197, 2, 64), (2, 257, 1, 80), (1, 50, 3, 32)], ids=lambda s: "x".join(map(str, s)))
+def test_attention_qkv(backend, dtype, shape):
+    """Forward and d(qkv) within budget against float64, bit-identical reruns; q, k, v read through their
+    strides in qkv, d(qkv) returned whole, contiguous, in qkv's layout."""
+    B, N, H, D = shape
+    qkv = torch.randn(B, N, 3 * H * D, device=DEVICE).to(dtype)
+
+    def fn(backend, x):
+        return ops.attention_qkv(x, H, backend=backend)
+
+    ours = _check(lambda backend, x, **_: fn(backend, x), dict(x=qkv), backend, rerun=True)
+    assert ours["dx"].is_contiguous() and ours["dx"].shape == qkv.shape
+
+
+def test_attention_grid_holds_for_any_batch():
+    """B * H rides on grid axis 0 (2^31 - 1 blocks), the sequence blocks on axis 1 (65,535): ViT-B inference at
+    batch 100,000 (B * H = 1.2 M, past axis 1's limit) is launchable; checked on the grid arithmetic alone."""
+    pytest.importorskip("triton")
+    from vitkernels.triton.attention import MAX_GRID_X, MAX_GRID_Y, launch_grid, why_not_supported
+
+    x, y = launch_grid(100_000 * 12, 197, 32)
+    assert x == 1_200_000 <= MAX_GRID_X and y == 7 <= MAX_GRID_Y
+    assert why_not_supported(torch.device("cuda"), torch.bfloat16, 64, 100_000 * 12) is None
+    assert "grid axis 0" in why_not_supported(torch.device("cuda"), torch.bfloat16, 64, 2**31)
+
+
+@pytest.mark.parametrize("backend", ATTN_QKV)
+def test_lean_block_attention_saves_one_qkv_and_stacks_nothing(backend):
+    """The block's attention goes through attention_qkv: its backward dispatches no stack (the unbind backward
+    of q, k, v views would stack dq, dk, dv into d(qkv))."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    model = _vit(backend, True)
+    loss = model(torch.randn(2, 3, 32, 32, device=DEVICE)).sum()
+    with Ops() as seen:
+        loss.backward()
+    assert not [n for n in seen.names if "stack" in n], seen.names

@@ -138,6 +138,9 @@ def _small_cases(op: str, monkeypatch) -> list[harness.Case]:
     if op == "attention":
         monkeypatch.setitem(bench.CASES, "tiny", (2, 3, 13, 16))
         return [bench.case("tiny")]
+    if op == "attention_qkv":
+        monkeypatch.setitem(bench.CASES, "tiny", (2, 3, 13, 16))
+        return [bench.case("tiny")]
     if op == "ln_linear":
         monkeypatch.setitem(bench.CASES, "tiny", (24, 40))
         return [bench.case("tiny", 1)]

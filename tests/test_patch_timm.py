@@ -98,10 +98,10 @@ def test_forward_runs_through_vitkernels_ops(monkeypatch, lean):
         model(_images(TINY))
     depth = TINY["depth"]
     if lean:  # per block: norm1 + qkv, attention, proj, norm2 + MLP; plus the embedding, fc_norm and the head
-        assert calls == {"patch_embed": 1, "layer_norm": 1, "ln_linear": depth, "attention": depth,
+        assert calls == {"patch_embed": 1, "layer_norm": 1, "ln_linear": depth, "attention_qkv": depth,
                          "linear": depth + 1, "ln_mlp": depth}
     else:  # per block: 2 LayerNorms, qkv/proj/fc1/fc2; plus the embedding, fc_norm and the head
-        assert calls == {"patch_embed": 1, "layer_norm": 2 * depth + 1, "attention": depth,
+        assert calls == {"patch_embed": 1, "layer_norm": 2 * depth + 1, "attention_qkv": depth,
                          "linear": 4 * depth + 1}
 
     calls.clear()

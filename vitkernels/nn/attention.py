@@ -1,8 +1,9 @@
 """Multi-head self-attention with timm's parameter names (``qkv``, ``proj``, ``q_norm``, ``k_norm``).
 
-The data path has no copies between the GEMMs and the attention kernel: the qkv GEMM writes (B, N, 3*C),
-q/k/v are strided (B, H, N, D) views of it, and fused backends write the attention output in (B, N, H, D)
-memory so that the reshape to (B, N, C) for ``proj`` is a view.
+The data path has no copies between the GEMMs and the attention kernel: the qkv GEMM writes (B, N, 3*C), the
+attention op reads q/k/v through their strides in it (``ops.attention_qkv``, whose backward writes d(qkv)
+in one buffer; with q/k norms, ``ops.attention`` on the strided (B, H, N, D) views), and fused backends write
+the attention output in (B, N, H, D) memory so that the reshape to (B, N, C) for ``proj`` is a view.
 """
 
 from __future__ import annotations
@@ -60,15 +61,24 @@ def attention_from_qkv(attn: nn.Module, qkv: torch.Tensor, residual: torch.Tenso
     (vitkernels/nn/block.py) computes qkv with its LayerNorm fused in and continues here."""
     B, N, C3 = qkv.shape
     C = C3 // 3
+    dropout = attn.training and attn.attn_drop.p > 0
+    if isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity) and not dropout:
+        # One op on qkv itself: its backward writes d(qkv) whole (no stack of dq, dk, dv).
+        o = ops.attention_qkv(qkv, attn.num_heads, scale=attn.scale, backend=backend)  # (B, H, N, D)
+        return _project(attn, o.transpose(1, 2).reshape(B, N, C), residual, backend)
     q, k, v = qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim).unbind(2)  # each (B, N, H, D), strided
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, D) views
     q, k = attn.q_norm(q), attn.k_norm(k)
-    if attn.training and attn.attn_drop.p > 0:
+    if dropout:
         # No fused kernel implements attention dropout: the reference path keeps the semantics.
         o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p, scale=attn.scale)
     else:
         o = ops.attention(q, k, v, scale=attn.scale, backend=backend)  # (B, H, N, D)
-    o = o.transpose(1, 2).reshape(B, N, C)  # a view when the backend wrote (B, N, H, D)
+    return _project(attn, o.transpose(1, 2).reshape(B, N, C), residual, backend)  # a view: (B, N, H, D) storage
+
+
+def _project(attn: nn.Module, o: torch.Tensor, residual: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """o (B, N, C) -> proj(o) [+ residual], the residual add in proj's epilogue (dropout: the plain path)."""
     if attn.training and attn.proj_drop.p > 0:
         o = attn.proj_drop(ops.linear(o, attn.proj.weight, attn.proj.bias, backend=backend))
         return o if residual is None else o + residual

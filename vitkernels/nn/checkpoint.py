@@ -20,7 +20,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 # Ops whose outputs a selective policy keeps: "<op>_fwd" in any vitkernels namespace, and aten's GEMM /
 # attention kernels (what the torch backend and timm run).
-_FUSED_SAVED = ("linear_fwd", "ln_linear_fwd", "ln_mlp_fwd", "attention_fwd", "patch_embed_fwd")
+_FUSED_SAVED = ("linear_fwd", "ln_linear_fwd", "ln_mlp_fwd", "attention_fwd", "attention_qkv_fwd", "patch_embed_fwd")
 _ATEN_SAVED = {
     "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::convolution",
     "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",

@@ -13,6 +13,7 @@ from __future__ import annotations
 # attributes of these names.
 from vitkernels.backends import OPS
 from vitkernels.ops.attention import attention
+from vitkernels.ops.attention_qkv import attention_qkv
 from vitkernels.ops.layer_norm import layer_norm
 from vitkernels.ops.linear import linear
 from vitkernels.ops.ln_linear import ln_linear

@@ -24,7 +24,7 @@ def kernel_limits(op: str):
 
 def get_op(name: str):
     return {"patch_embed": patch_embed, "layer_norm": layer_norm, "attention": attention, "linear": linear,
-            "ln_linear": ln_linear, "ln_mlp": ln_mlp}.get(name)
+            "ln_linear": ln_linear, "ln_mlp": ln_mlp, "attention_qkv": attention_qkv}.get(name)
 
 
 def patch_embed(images, weight, bias, pos_embed, cls_token):
@@ -54,6 +54,13 @@ def layer_norm(x, weight, bias, eps, residual):
 def attention(q, k, v, scale):
     """q (B, H, N, D), k/v (B, H, M, D) -> (B, H, N, D)."""
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def attention_qkv(qkv, num_heads, scale):
+    """qkv (B, N, 3 H D) -> (B, H, N, D): SDPA on its q, k, v views (autograd stacks their gradients)."""
+    from vitkernels.ops.attention_qkv import split_qkv
+
+    return F.scaled_dot_product_attention(*split_qkv(qkv, num_heads), scale=scale)
 
 
 def linear(x, weight, bias, activation, residual):

@@ -45,7 +45,7 @@ from vitkernels.backends import triton_interpreter
 from vitkernels.triton import NAMESPACE, autotune
 from vitkernels.ops.attention import CONTRACT, empty_bnhd
 
-__all__ = ["attention", "attention_fwd", "attention_bwd"]
+__all__ = ["attention", "attention_fwd", "attention_bwd", "attention_bwd_into", "launch_grid"]
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
 MAX_HEAD_DIM = 256
@@ -121,8 +121,8 @@ def _attention_fwd_kernel(
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per inner step
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # B * H on grid axis 0 (up to 2^31 - 1 programs)
+    pid_m = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -193,8 +193,8 @@ def _attention_bwd_preprocess_kernel(
     BLOCK_D: tl.constexpr,  # next_power_of_2(D)
     BLOCK_M: tl.constexpr,  # rows per program
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # B * H on grid axis 0 (up to 2^31 - 1 programs)
+    pid_m = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -235,8 +235,8 @@ def _attention_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr,  # queries per inner step
     BLOCK_N: tl.constexpr,  # keys per program
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # B * H on grid axis 0 (up to 2^31 - 1 programs)
+    pid_n = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -304,8 +304,8 @@ def _attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,  # queries per program
     BLOCK_N: tl.constexpr,  # keys per inner step
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # B * H on grid axis 0 (up to 2^31 - 1 programs)
+    pid_m = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -401,7 +401,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     kernel, blocks = _kernel(_fwd_tuned, _attention_fwd_kernel)
 
     def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_M"]), B * H)
+        return launch_grid(B * H, N, meta["BLOCK_M"])
 
     kernel[grid](
         q, k, v, o, lse, scale * LOG2E,
@@ -417,31 +417,37 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     """Gradients (dq, dk, dv) of ``attention_fwd``; each a (B, H, *, D) view of a (B, *, H, D) buffer."""
     B, H, N, D = q.shape
     M = k.shape[2]
+    return attention_bwd_into(grad_out, q, k, v, o, lse, scale, empty_bnhd(q, B, H, N, D),
+                              empty_bnhd(k, B, H, M, D), empty_bnhd(v, B, H, M, D))
+
+
+def attention_bwd_into(grad_out, q, k, v, o, lse, scale, dq, dk, dv):
+    """``attention_bwd`` writing into given (B, H, *, D) tensors of any strides (e.g. the three views of one
+    d(qkv) buffer, see triton/attention_qkv.py); returns (dq, dk, dv)."""
+    B, H, N, D = q.shape
+    M = k.shape[2]
     BLOCK_D = _block_d(D)
     grad_out = grad_out.to(q.dtype)
-    dq = empty_bnhd(q, B, H, N, D)
-    dk = empty_bnhd(k, B, H, M, D)
-    dv = empty_bnhd(v, B, H, M, D)
     if q.numel() == 0 or M == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     lse = lse.contiguous()
     delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     PRE_BLOCK_M = 32 if BLOCK_D <= 128 else 16
-    _attention_bwd_preprocess_kernel[(triton.cdiv(N, PRE_BLOCK_M), B * H)](
+    _attention_bwd_preprocess_kernel[launch_grid(B * H, N, PRE_BLOCK_M)](
         o, grad_out, delta, *o.stride(), *grad_out.stride(), H, N,
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=PRE_BLOCK_M,
     )
     precision = _precision(q.dtype)
 
     kernel, blocks = _kernel(_bwd_dkdv_tuned, _attention_bwd_dkdv_kernel)
-    kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_N"]), B * H)](
+    kernel[lambda meta: launch_grid(B * H, M, meta["BLOCK_N"])](
         q, k, v, grad_out, lse, delta, dk, dv, scale * LOG2E, scale,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
         H, N, M,
         HEAD_DIM=D, BLOCK_D=BLOCK_D, INPUT_PRECISION=precision, **blocks,
     )
     kernel, blocks = _kernel(_bwd_dq_tuned, _attention_bwd_dq_kernel)
-    kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
+    kernel[lambda meta: launch_grid(B * H, N, meta["BLOCK_M"])](
         q, k, v, grad_out, lse, delta, dq, scale * LOG2E, scale,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
         H, N, M,
@@ -453,8 +459,15 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
 # ----------------------------------------------------------------------------------------------------------
 # Registration: the ops of vitkernels/ops/attention.py's contract, on these launchers
 # ----------------------------------------------------------------------------------------------------------
-# CUDA limits grid axis 1 (where the launchers put B * H) to 65,535 blocks; axis 0 takes 2^31 - 1.
+# CUDA grid limits: axis 0 takes 2^31 - 1 blocks, axes 1 and 2 65,535. B * H goes on axis 0 (a ViT-B at
+# batch 100,000 is 1.2 M), the blocks along the sequence on axis 1 (65,535 blocks of >= 16 rows: N up to 1 M).
+MAX_GRID_X = 2**31 - 1
 MAX_GRID_Y = 65535
+
+
+def launch_grid(BH: int, L: int, block: int) -> tuple[int, int]:
+    """The grid of every attention kernel: (B * H, blocks along a sequence of length L)."""
+    return (BH, triton.cdiv(L, block))
 
 
 def why_not_supported(device: torch.device, dtype: torch.dtype, D: int, BH: int) -> str | None:
@@ -463,8 +476,8 @@ def why_not_supported(device: torch.device, dtype: torch.dtype, D: int, BH: int)
         return f"triton attention runs fp32/fp16/bf16 (tl.dot), got {dtype}"
     if D > MAX_HEAD_DIM:
         return f"triton attention supports head dims up to {MAX_HEAD_DIM}, got {D}"
-    if device.type == "cuda" and BH > MAX_GRID_Y:
-        return f"triton attention launches B * H = {BH} programs on grid axis 1, at most {MAX_GRID_Y} on CUDA"
+    if device.type == "cuda" and BH > MAX_GRID_X:
+        return f"triton attention launches B * H = {BH} programs on grid axis 0, at most {MAX_GRID_X} on CUDA"
     return None
 
 
