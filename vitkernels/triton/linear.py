@@ -372,7 +372,7 @@ def interp_config(P, Q, S):
     """(block sizes, num_warps) of the one config used under the interpreter (no autotuning): 64-wide tiles,
     shrunk to the next power of two >= 16 for tiny dims, because the interpreter's cost is per program and per
     element of padded tile (its dots and erf run in numpy loops). Tiles stay larger than the tail of every
-    test shape, so the masks and the grouped ordering are exercised. tests/test_linear_configs.py replaces
+    test shape, so the masks and the grouped ordering are exercised. tests/test_gpu_configs.py replaces
     it with each GPU config in turn, so the tiles a GPU runs are checked numerically on the CPU too."""
     def fit(n):
         return min(64, max(16, triton.next_power_of_2(n)))

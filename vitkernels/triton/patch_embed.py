@@ -122,7 +122,25 @@ def _patch_embed_fwd_kernel(
                     other=0.0)  # (BLOCK_K, BLOCK_D) = W^T tile
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
 
-    # Epilogue in fp32, one rounding: + bias[d] + pos[POS_OFF + n, d].
+    # Epilogue in two column halves (as the linear GEMM's): the position-embedding loads live for half a tile
+    # at a time, which keeps the 128 x 256 tile within the register file on sm_90a.
+    if BLOCK_D >= 32:
+        halves = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_D // 2)), (0, 2, 1)))
+        d_half = pid_d * BLOCK_D + tl.arange(0, BLOCK_D // 2)
+        _fwd_epilogue(halves[0], m, d_half, m_mask, D, N, T_out, POS_OFF, Bias, Pos, Out, stride_pt, stride_pd,
+                      CLS_OFF, HAS_BIAS, HAS_POS)
+        _fwd_epilogue(halves[1], m, d_half + BLOCK_D // 2, m_mask, D, N, T_out, POS_OFF, Bias, Pos, Out,
+                      stride_pt, stride_pd, CLS_OFF, HAS_BIAS, HAS_POS)
+    else:
+        _fwd_epilogue(acc, m, d, m_mask, D, N, T_out, POS_OFF, Bias, Pos, Out, stride_pt, stride_pd,
+                      CLS_OFF, HAS_BIAS, HAS_POS)
+
+
+@triton.jit
+def _fwd_epilogue(acc, m, d, m_mask, D, N, T_out, POS_OFF, Bias, Pos, Out, stride_pt, stride_pd,
+                  CLS_OFF: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr):
+    """acc (BLOCK_M, W) fp32 for tokens m, channels d -> Out, one rounding after + bias[d] + pos[POS_OFF + n, d]."""
+    d_mask = d < D
     mask = m_mask[:, None] & d_mask[None, :]
     if HAS_BIAS:
         acc += tl.load(Bias + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]

@@ -111,3 +111,89 @@ def test_gpu_config_in_the_interpreter(monkeypatch, config, variant, dtype):
         tol = (2e-5 if dtype == torch.float32 else 4e-3) * max(scale, 1.0) * (S_DW / 64 if variant.endswith("split") else 1)
         err = (ours.double() - oracle).abs().max().item()
         assert err <= tol, f"{variant} {_config_id(config)} {dtype}: max error {err:.3e} > {tol:.3e}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention: each kernel's GPU configs in turn (the other kernels keep the interpreter's blocks).
+def _attention_configs():
+    from vitkernels.triton import attention as A
+
+    return [(name, c) for name, configs in (("fwd", A._FWD_CONFIGS), ("dkdv", A._BWD_DKDV_CONFIGS),
+                                            ("dq", A._BWD_DQ_CONFIGS)) for c in configs]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("which,config", _attention_configs(),
+                         ids=[f"{w}-{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}" for w, c in _attention_configs()])
+def test_attention_gpu_config_in_the_interpreter(monkeypatch, which, config, dtype):
+    """Forward and backward with one GPU config of one kernel, N = 77 and M = 77 (a tail for every block
+    size), D = 80 (padded to 128), against float64."""
+    require_backend("triton", "attention")
+    from vitkernels.triton import attention as A
+
+    plain = {"fwd": A._attention_fwd_kernel, "dkdv": A._attention_bwd_dkdv_kernel, "dq": A._attention_bwd_dq_kernel}
+    default = A._kernel
+
+    def kernel(tuned, plain_kernel):
+        if plain_kernel is plain[which]:
+            return plain_kernel, dict(config.kwargs)
+        return default(tuned, plain_kernel)
+
+    monkeypatch.setattr(A, "_kernel", kernel)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 77, 80, generator=g).to(dtype) for _ in range(3))
+    do = torch.randn(1, 2, 77, 80, generator=g).to(dtype)
+    o, lse = A.attention_fwd(q, k, v, 80 ** -0.5)
+    grads = A.attention_bwd(do, q, k, v, o, lse, 80 ** -0.5)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*leaves, scale=80 ** -0.5)
+    ref_grads = torch.autograd.grad(ref, leaves, do.double())
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    for name, ours, oracle in zip(("o", "dq", "dk", "dv"), (o, *grads), (ref, *ref_grads)):
+        err = (ours.double() - oracle).abs().max().item()
+        assert err <= tol * max(1.0, oracle.abs().max().item()), f"{which} {name}: {err:.3e}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Patch embedding: the GEMM tiles of its three kernels.
+def _patch_tiles():
+    from vitkernels.triton import patch_embed as PE
+
+    return PE._GEMM_TILES
+
+
+@pytest.mark.parametrize("tile", _patch_tiles(), ids=lambda t: "x".join(map(str, t[:3])) + f"_w{t[3]}")
+def test_patch_embed_gpu_config_in_the_interpreter(monkeypatch, tile):
+    """Forward and both gradients with one GPU tile for all three kernels, fp32: 3 x 40 x 56 images, patch
+    8 (K = 192), D = 136: a tail along every dimension for every tile; class token and position embedding."""
+    require_backend("triton", "patch_embed")
+    import triton
+
+    from vitkernels import ops
+    from vitkernels.triton import patch_embed as PE
+
+    *blocks, warps, stages = tile
+    for kernel, names in ((PE._fwd_kernel, ("BLOCK_M", "BLOCK_D", "BLOCK_K")),
+                          (PE._bwd_dw_kernel, ("BLOCK_D", "BLOCK_K", "BLOCK_M")),
+                          (PE._bwd_dx_kernel, ("BLOCK_M", "BLOCK_K", "BLOCK_D"))):
+        monkeypatch.setattr(kernel, "configs", [triton.Config(dict(zip(names, blocks)), num_warps=warps,
+                                                              num_stages=stages)])
+    g = torch.Generator().manual_seed(0)
+    D, P = 136, 8
+    N = (40 // P) * (56 // P)
+    t = dict(images=torch.randn(2, 3, 40, 56, generator=g), weight=torch.randn(D, 3, P, P, generator=g) / 14,
+             bias=torch.randn(D, generator=g), pos=torch.randn(1, N + 1, D, generator=g),
+             cls=torch.randn(1, 1, D, generator=g))
+    dy = torch.randn(2, N + 1, D, generator=g)
+
+    def run(backend, tensors):
+        leaves = {k: v.clone().requires_grad_() for k, v in tensors.items()}
+        y = ops.patch_embed(leaves["images"], leaves["weight"], leaves["bias"], pos_embed=leaves["pos"],
+                            cls_token=leaves["cls"], backend=backend)
+        return [y, *torch.autograd.grad(y, list(leaves.values()), dy.to(y.dtype))]
+
+    ours = run("triton", t)
+    oracle = run("torch", {k: v.double() for k, v in t.items()})
+    for i, (a, b) in enumerate(zip(ours, oracle)):
+        err = (a.double() - b).abs().max().item()
+        assert err <= 2e-5 * max(1.0, b.abs().max().item()), f"output {i}: {err:.3e}"
