@@ -81,6 +81,20 @@ def test_attention_matches_oracle(backend, dtype, shape):
         assert ours.transpose(1, 2).is_contiguous()
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1, 32), (2, 1, 197, 64), (1, 2, 23, 96), (1, 1, 257, 80)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_three_launch_backward(monkeypatch, dtype, shape):
+    """The triton backward has two forms: one launch per (batch, head) (what the interpreter and large batches
+    run) and three launches (small batches on a GPU). The three-launch one on awkward shapes, forced."""
+    require_backend("triton", "attention")
+    from vitkernels.triton import attention as A
+
+    monkeypatch.setattr(A, "fused_bwd_min_bh", lambda device: 2**31)
+    _, q, k, v = _qkv(*shape, dtype)
+    _check("triton", q, k, v)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_attention_cross_lengths_and_layouts(backend, dtype):

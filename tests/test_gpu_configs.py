@@ -119,7 +119,8 @@ def _attention_configs():
     from vitkernels.triton import attention as A
 
     return [(name, c) for name, configs in (("fwd", A._FWD_CONFIGS), ("dkdv", A._BWD_DKDV_CONFIGS),
-                                            ("dq", A._BWD_DQ_CONFIGS)) for c in configs]
+                                            ("dq", A._BWD_DQ_CONFIGS), ("fused", A._BWD_FUSED_CONFIGS))
+            for c in configs]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -127,12 +128,17 @@ def _attention_configs():
                          ids=[f"{w}-{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}" for w, c in _attention_configs()])
 def test_attention_gpu_config_in_the_interpreter(monkeypatch, which, config, dtype):
     """Forward and backward with one GPU config of one kernel, N = 77 and M = 77 (a tail for every block
-    size), D = 80 (padded to 128), against float64."""
+    size), against float64. The dK/dV and dQ configs run the three-launch backward,
+    the others the one-launch backward."""
     require_backend("triton", "attention")
     from vitkernels.triton import attention as A
 
-    plain = {"fwd": A._attention_fwd_kernel, "dkdv": A._attention_bwd_dkdv_kernel, "dq": A._attention_bwd_dq_kernel}
+    # D = 80 (padded to 128), or 64 for a tile pruned at wider heads (where it spills on sm_90a)
+    D = 80 if which not in ("dkdv", "fused") or A._prune_wide_heads([config], {}, BLOCK_D=128) else 64
+    plain = {"fwd": A._attention_fwd_kernel, "dkdv": A._attention_bwd_dkdv_kernel, "dq": A._attention_bwd_dq_kernel,
+             "fused": A._attention_bwd_fused_kernel}
     default = A._kernel
+    monkeypatch.setattr(A, "fused_bwd_min_bh", lambda device: 2**31 if which in ("dkdv", "dq") else 1)
 
     def kernel(tuned, plain_kernel):
         if plain_kernel is plain[which]:
@@ -141,12 +147,12 @@ def test_attention_gpu_config_in_the_interpreter(monkeypatch, which, config, dty
 
     monkeypatch.setattr(A, "_kernel", kernel)
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 77, 80, generator=g).to(dtype) for _ in range(3))
-    do = torch.randn(1, 2, 77, 80, generator=g).to(dtype)
-    o, lse = A.attention_fwd(q, k, v, 80 ** -0.5)
-    grads = A.attention_bwd(do, q, k, v, o, lse, 80 ** -0.5)
+    q, k, v = (torch.randn(1, 2, 77, D, generator=g).to(dtype) for _ in range(3))
+    do = torch.randn(1, 2, 77, D, generator=g).to(dtype)
+    o, lse = A.attention_fwd(q, k, v, D ** -0.5)
+    grads = A.attention_bwd(do, q, k, v, o, lse, D ** -0.5)
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
-    ref = F.scaled_dot_product_attention(*leaves, scale=80 ** -0.5)
+    ref = F.scaled_dot_product_attention(*leaves, scale=D ** -0.5)
     ref_grads = torch.autograd.grad(ref, leaves, do.double())
     tol = 2e-5 if dtype == torch.float32 else 1e-2
     for name, ours, oracle in zip(("o", "dq", "dk", "dv"), (o, *grads), (ref, *ref_grads)):

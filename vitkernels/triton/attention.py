@@ -8,9 +8,14 @@ log2(e) folded into the scale so every exponential is an ``exp2``. No N x M matr
 saves the log-sum-exp ``lse = log(sum_j exp(s_ij))`` of every score row (fp32, (B, H, N)) for the backward.
 
 Backward (derivation in the comment block above the backward kernels): a preprocess kernel computes
-``delta = rowsum(dO * O)`` (fp32), one kernel per key block accumulates dk, dv over all query blocks and one
-kernel per query block accumulates dq over all key blocks. Every output element is written by exactly one
-program: deterministic, no atomics, reruns are bit-identical.
+``delta = rowsum(dO * O)`` (fp32), then either
+- one launch, one program per (batch, head) (when B * H fills the GPU: ``fused_bwd_min_bh``): for each key
+  block, for each query block, the 5 GEMMs of FlashAttention-2 (S, dV, dP, dK, dQ), dQ accumulated in an fp32
+  buffer that only this program touches; or
+- two launches (small batches): one kernel per key block accumulates dk, dv over all query blocks, one per
+  query block accumulates dq over all key blocks (7 GEMMs: S and dP are computed by both).
+Every output element has exactly one writer: deterministic, no atomics, reruns are bit-identical. The
+gradients are written through their strides, so d(qkv) can be one buffer (triton/attention_qkv.py).
 
 Supported range and limits:
 - Any sequence lengths N (queries) and M (keys) >= 1: ViT has N = 197, 257, 577, 50, or any value with
@@ -341,6 +346,91 @@ def _attention_bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=mask_md)
 
 
+@triton.jit
+def _attention_bwd_fused_kernel(
+    Q, K, V, DO,  # (B, H, N | M, D) any strides, as in the kernels above
+    LSE,  # (B, H, N) fp32 contiguous, natural log
+    DELTA,  # (B, H, N) fp32 contiguous, rowsum(dO * O)
+    DQACC,  # (B, H, N, BLOCK_D) fp32 contiguous, zeroed: dQ / scale accumulated over the key blocks
+    DQ, DK, DV,  # (B, H, N | M, D) gradients, any strides (e.g. the slices of one d(qkv) buffer)
+    qk_scale,  # scale * log2(e)
+    scale,  # softmax scale
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    H,  # heads
+    N_Q,  # queries N
+    N_K,  # keys M
+    HEAD_DIM: tl.constexpr,  # D
+    BLOCK_D: tl.constexpr,  # next_power_of_2(D)
+    INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32
+    BLOCK_M: tl.constexpr,  # queries per inner step
+    BLOCK_N: tl.constexpr,  # keys per outer step
+):
+    """The whole backward of one (batch, head) in one program, 5 GEMMs per tile pair (FlashAttention-2's):
+    for each key block j (k_j, v_j and the dK_j, dV_j accumulators held), for each query block i:
+    S^T = k_j q_i^T, P^T, dV_j += P^T dO_i, dP^T = v_j dO_i^T, dS^T, dK_j += dS^T q_i, and dQ_i += dS k_j
+    into an fp32 accumulator in memory. The program owns its (batch, head) outright, so that read-modify-write
+    needs no atomics (deterministic); a barrier between key blocks orders it. A last pass scales dQ and stores
+    it in the output dtype. ViT sequences (N <= 577) keep the accumulator in L2."""
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    DO += b * stride_dob + h * stride_doh
+    LSE += (b * H + h) * N_Q
+    DELTA += (b * H + h) * N_Q
+    DQACC += (b * H + h) * N_Q * BLOCK_D
+    for start_n in range(0, N_K, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < N_K
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=mask_nd, other=0.0)
+        v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=mask_nd, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for start_m in range(0, N_Q, BLOCK_M):
+            rows = start_m + offs_m
+            mask_m = rows < N_Q
+            mask_md = mask_m[:, None] & mask_d[None, :]
+            q = tl.load(Q + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=mask_md, other=0.0)
+            do = tl.load(DO + rows[:, None] * stride_don + offs_d[None, :] * stride_dod, mask=mask_md, other=0.0)
+            lse2 = tl.load(LSE + rows, mask=mask_m, other=0.0) * 1.4426950408889634  # log2 domain
+            delta = tl.load(DELTA + rows, mask=mask_m, other=0.0)
+            sT = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+            pT = tl.exp2(sT - lse2[None, :])
+            pT = tl.where(mask_m[None, :] & mask_n[:, None], pT, 0.0)  # padded rows / keys contribute nothing
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)  # dV += P^T dO
+            dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (dO V^T)^T
+            dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+            dk = tl.dot(dsT, q, dk, input_precision=INPUT_PRECISION)  # dK += dS^T Q
+            acc_ptrs = DQACC + rows[:, None] * BLOCK_D + offs_d[None, :]
+            dq = tl.load(acc_ptrs, mask=mask_m[:, None], other=0.0)
+            dq = tl.dot(tl.trans(dsT), k, dq, input_precision=INPUT_PRECISION)  # dQ += dS K
+            tl.store(acc_ptrs, dq, mask=mask_m[:, None])
+        tl.store(DK + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+                 (dk * scale).to(DK.dtype.element_ty), mask=mask_nd)
+        tl.store(DV + b * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+                 dv.to(DV.dtype.element_ty), mask=mask_nd)
+        tl.debug_barrier()  # this key block's dQ updates land before the next block reads them
+    for start_m in range(0, N_Q, BLOCK_M):
+        rows = start_m + offs_m
+        mask_m = rows < N_Q
+        dq = tl.load(DQACC + rows[:, None] * BLOCK_D + offs_d[None, :], mask=mask_m[:, None], other=0.0)
+        tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
+                 (dq * scale).to(DQ.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Block sizes
 # ----------------------------------------------------------------------------------------------------------
@@ -358,11 +448,40 @@ _FWD_CONFIGS = _configs([(64, 64, 4, 3), (64, 32, 4, 4), (128, 64, 8, 3), (128, 
 # dk/dv: BLOCK_N keys held, BLOCK_M query rows streamed; dq: the other way round (FA2 / Triton tutorial).
 _BWD_DKDV_CONFIGS = _configs([(32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2), (32, 32, 4, 1)])
 _BWD_DQ_CONFIGS = _configs([(64, 32, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2), (32, 32, 4, 1)])
+# The one-launch backward: (BLOCK_M queries, BLOCK_N keys) per step. It holds k, v, dK, dV and a dQ tile, so
+# it takes 8 warps: compiled for sm_90a, every 4-warp config but 32 x 32 spills (60-580 B per thread), and
+# with 8 warps everything compiles spill-free at D = 64; at BLOCK_D = 128 (D = 80, 96, 128) only tiles of
+# at most 2,048 scores do (_prune_wide_heads).
+_BWD_FUSED_CONFIGS = _configs([(64, 64, 8, 2), (64, 128, 8, 1), (32, 64, 8, 2), (64, 32, 8, 2)])
+
+
+def _prune_wide_heads(configs, named_args, **kwargs):
+    """At BLOCK_D > 64 keep the tiles of at most 2,048 scores (BLOCK_M x BLOCK_N): larger ones spill on sm_90a
+    (the one-launch backward's 64 x 64 and 64 x 128, the dK/dV kernel's 32 x 128: 28-1,348 B per thread)."""
+    if kwargs.get("BLOCK_D", 64) <= 64:
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 2048]
 _TUNE_KEY = ["N_Q", "N_K", "HEAD_DIM"]  # the autotuner adds the tensors' dtypes to the key
 
 _fwd_tuned = autotune(_FWD_CONFIGS, _TUNE_KEY)(_attention_fwd_kernel)
-_bwd_dkdv_tuned = autotune(_BWD_DKDV_CONFIGS, _TUNE_KEY)(_attention_bwd_dkdv_kernel)
+_bwd_dkdv_tuned = autotune(_BWD_DKDV_CONFIGS, _TUNE_KEY,
+                           prune_configs_by={"early_config_prune": _prune_wide_heads})(_attention_bwd_dkdv_kernel)
 _bwd_dq_tuned = autotune(_BWD_DQ_CONFIGS, _TUNE_KEY)(_attention_bwd_dq_kernel)
+_bwd_fused_tuned = autotune(_BWD_FUSED_CONFIGS, _TUNE_KEY, reset_to_zero=["DQACC"],
+                            prune_configs_by={"early_config_prune": _prune_wide_heads})(_attention_bwd_fused_kernel)
+
+# The one-launch backward runs one program per (batch, head): it is chosen when B * H fills the GPU (at least
+# FUSED_BWD_PROGRAMS_PER_SM programs per SM); smaller batches keep the three-launch one (a program per block
+# of keys, then per block of queries). Under the interpreter the one-launch backward runs unless a test
+# asks for the other (fused_bwd_min_bh).
+FUSED_BWD_PROGRAMS_PER_SM = 4
+
+
+def fused_bwd_min_bh(device: torch.device) -> int:
+    """The smallest B * H that takes the one-launch backward on ``device``."""
+    if triton_interpreter():
+        return 1
+    return FUSED_BWD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
 
 # Under the interpreter: one small configuration, no autotuning (num_warps/num_stages are ignored there).
 _INTERPRETER_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64}
@@ -438,6 +557,18 @@ def attention_bwd_into(grad_out, q, k, v, o, lse, scale, dq, dk, dv):
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=PRE_BLOCK_M,
     )
     precision = _precision(q.dtype)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+
+    if B * H >= fused_bwd_min_bh(q.device):  # one launch, 5 GEMMs per tile pair
+        dq_acc = torch.zeros((B, H, N, BLOCK_D), device=q.device, dtype=torch.float32)
+        kernel, blocks = _kernel(_bwd_fused_tuned, _attention_bwd_fused_kernel)
+        kernel[(B * H,)](
+            q, k, v, grad_out, lse, delta, dq_acc, dq, dk, dv, scale * LOG2E, scale,
+            *strides, *dq.stride(), *dk.stride(), *dv.stride(),
+            H, N, M,
+            HEAD_DIM=D, BLOCK_D=BLOCK_D, INPUT_PRECISION=precision, **blocks,
+        )
+        return dq, dk, dv
 
     kernel, blocks = _kernel(_bwd_dkdv_tuned, _attention_bwd_dkdv_kernel)
     kernel[lambda meta: launch_grid(B * H, M, meta["BLOCK_N"])](
