@@ -342,8 +342,14 @@ def _prune_configs(configs, named_args, **kwargs):
         (larger tiles spill 52-152 B per thread);
       - a GELU prologue on a 256-long side of the tile (fc2's z tiles, dW2's b tiles): spills 84-236 B;
       - GELU + saving z with 256-row tiles: spills 8 B.
-    Each variant keeps at least one 128 x 256 or 256 x 128 (or 128 x 128 x 64, 8-warp) tile."""
+    Each variant keeps at least one 128 x 256 or 256 x 128 (or 128 x 128 x 64, 8-warp) tile. By shape: a tile
+    more than twice as tall (wide) as a small P (Q) only computes padding, so it is not tried (the smallest
+    tile stays when nothing else does)."""
     a = named_args.get("a_ptr")
+    P, Q = named_args.get("P"), named_args.get("Q")
+    if isinstance(P, int) and isinstance(Q, int):
+        fits = [c for c in configs if c.kwargs["BLOCK_P"] <= max(64, 2 * P) and c.kwargs["BLOCK_Q"] <= max(64, 2 * Q)]
+        configs = fits or [min(configs, key=lambda c: c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_Q"])]
     elem = a.element_size() if isinstance(a, torch.Tensor) else 2
     limit = _smem_limit(a.device) if isinstance(a, torch.Tensor) and a.is_cuda else 227 * 1024
     keep = []
