@@ -7,13 +7,14 @@ BLOCK_N with the online softmax (running row max m and row sum l, rescaling the 
 log2(e) folded into the scale so every exponential is an ``exp2``. No N x M matrix ever reaches memory. It
 saves the log-sum-exp ``lse = log(sum_j exp(s_ij))`` of every score row (fp32, (B, H, N)) for the backward.
 
-Backward (derivation in the comment block above the backward kernels): a preprocess kernel computes
-``delta = rowsum(dO * O)`` (fp32), then either
-- one launch, one program per (batch, head) (when B * H fills the GPU: ``fused_bwd_min_bh``): for each key
-  block, for each query block, the 5 GEMMs of FlashAttention-2 (S, dV, dP, dK, dQ), dQ accumulated in an fp32
-  buffer that only this program touches; or
-- two launches (small batches): one kernel per key block accumulates dk, dv over all query blocks, one per
-  query block accumulates dq over all key blocks (7 GEMMs: S and dP are computed by both).
+Backward (derivation in the comment block above the backward kernels), with ``delta = rowsum(dO * O)``
+(fp32), either
+- one launch, one program per (batch, head) (when B * H fills the GPU: ``fused_bwd_min_bh``): delta first,
+  then for each key block, for each query block, the 5 GEMMs of FlashAttention-2 (S, dV, dP, dK, dQ), dQ
+  accumulated in an fp32 buffer that only this program touches; or
+- three launches (small batches): a preprocess kernel for delta, one kernel per key block accumulating dk, dv
+  over all query blocks, one per query block accumulating dq over all key blocks (7 GEMMs: S and dP are
+  computed by both).
 Every output element has exactly one writer: deterministic, no atomics, reruns are bit-identical. The
 gradients are written through their strides, so d(qkv) can be one buffer (triton/attention_qkv.py).
 
@@ -349,8 +350,9 @@ def _attention_bwd_dq_kernel(
 @triton.jit
 def _attention_bwd_fused_kernel(
     Q, K, V, DO,  # (B, H, N | M, D) any strides, as in the kernels above
+    O,  # (B, H, N, D) forward output, any strides
     LSE,  # (B, H, N) fp32 contiguous, natural log
-    DELTA,  # (B, H, N) fp32 contiguous, rowsum(dO * O)
+    DELTA,  # (B, H, N) fp32 contiguous, out: rowsum(dO * O), computed here first
     DQACC,  # (B, H, N, BLOCK_D) fp32 contiguous, zeroed: dQ / scale accumulated over the key blocks
     DQ, DK, DV,  # (B, H, N | M, D) gradients, any strides (e.g. the slices of one d(qkv) buffer)
     qk_scale,  # scale * log2(e)
@@ -359,6 +361,7 @@ def _attention_bwd_fused_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_don, stride_dod,
+    stride_ob, stride_oh, stride_on, stride_od,
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
@@ -375,8 +378,9 @@ def _attention_bwd_fused_kernel(
     for each key block j (k_j, v_j and the dK_j, dV_j accumulators held), for each query block i:
     S^T = k_j q_i^T, P^T, dV_j += P^T dO_i, dP^T = v_j dO_i^T, dS^T, dK_j += dS^T q_i, and dQ_i += dS k_j
     into an fp32 accumulator in memory. The program owns its (batch, head) outright, so that read-modify-write
-    needs no atomics (deterministic); a barrier between key blocks orders it. A last pass scales dQ and stores
-    it in the output dtype. ViT sequences (N <= 577) keep the accumulator in L2."""
+    needs no atomics (deterministic); a barrier between key blocks orders it. A first pass computes
+    delta = rowsum(dO * O) (no preprocess launch), a last one scales dQ and stores it in the output dtype. ViT
+    sequences (N <= 577) keep the accumulator in L2."""
     pid_bh = tl.program_id(0)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -391,6 +395,15 @@ def _attention_bwd_fused_kernel(
     LSE += (b * H + h) * N_Q
     DELTA += (b * H + h) * N_Q
     DQACC += (b * H + h) * N_Q * BLOCK_D
+    for start_m in range(0, N_Q, BLOCK_M):  # delta first: every key block needs all of it
+        rows = start_m + offs_m
+        mask_md = (rows < N_Q)[:, None] & mask_d[None, :]
+        o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :] * stride_od,
+                    mask=mask_md, other=0.0).to(tl.float32)
+        do = tl.load(DO + rows[:, None] * stride_don + offs_d[None, :] * stride_dod, mask=mask_md,
+                     other=0.0).to(tl.float32)
+        tl.store(DELTA + rows, tl.sum(o * do, 1), mask=rows < N_Q)
+    tl.debug_barrier()  # delta stored before any thread reads it back
     for start_n in range(0, N_K, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < N_K
@@ -551,11 +564,6 @@ def attention_bwd_into(grad_out, q, k, v, o, lse, scale, dq, dk, dv):
         return dq.zero_(), dk.zero_(), dv.zero_()
     lse = lse.contiguous()
     delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
-    PRE_BLOCK_M = 32 if BLOCK_D <= 128 else 16
-    _attention_bwd_preprocess_kernel[launch_grid(B * H, N, PRE_BLOCK_M)](
-        o, grad_out, delta, *o.stride(), *grad_out.stride(), H, N,
-        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=PRE_BLOCK_M,
-    )
     precision = _precision(q.dtype)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
 
@@ -563,12 +571,18 @@ def attention_bwd_into(grad_out, q, k, v, o, lse, scale, dq, dk, dv):
         dq_acc = torch.zeros((B, H, N, BLOCK_D), device=q.device, dtype=torch.float32)
         kernel, blocks = _kernel(_bwd_fused_tuned, _attention_bwd_fused_kernel)
         kernel[(B * H,)](
-            q, k, v, grad_out, lse, delta, dq_acc, dq, dk, dv, scale * LOG2E, scale,
-            *strides, *dq.stride(), *dk.stride(), *dv.stride(),
+            q, k, v, grad_out, o, lse, delta, dq_acc, dq, dk, dv, scale * LOG2E, scale,
+            *strides, *o.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
             H, N, M,
             HEAD_DIM=D, BLOCK_D=BLOCK_D, INPUT_PRECISION=precision, **blocks,
         )
         return dq, dk, dv
+
+    PRE_BLOCK_M = 32 if BLOCK_D <= 128 else 16
+    _attention_bwd_preprocess_kernel[launch_grid(B * H, N, PRE_BLOCK_M)](
+        o, grad_out, delta, *o.stride(), *grad_out.stride(), H, N,
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=PRE_BLOCK_M,
+    )
 
     kernel, blocks = _kernel(_bwd_dkdv_tuned, _attention_bwd_dkdv_kernel)
     kernel[lambda meta: launch_grid(B * H, M, meta["BLOCK_N"])](
