@@ -288,11 +288,11 @@ def _dw_splits(M: int, D: int, K: int, device: torch.device) -> int:
     """How many token splits the weight-gradient reduction uses (slices of the fp32 partial buffer)."""
     if _INTERPRET or device.type != "cuda":
         return 2 if M > 64 else 1  # exercises the two-stage reduction in CI
-    # Output tiles alone (D x K / 128^2, e.g. 36 at ViT-B) cannot fill the GPU; split the token reduction
-    # until there are ~2 programs per SM, keeping >= 1024 tokens per split. At ViT-B/16, B=256: 8 splits,
-    # a 19 MB fp32 partial buffer against 155 MB of dout and images read.
+    # Output tiles alone cannot fill the GPU; split the token reduction until even the largest tile (128 x 256,
+    # one CTA per SM) makes two waves, keeping >= 1024 tokens per split. At ViT-B/16, B=256: 15 splits, a
+    # 35 MB fp32 partial buffer against 155 MB of dout and images read.
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    tiles = triton.cdiv(D, 128) * triton.cdiv(K, 128)
+    tiles = max(1, D * K // max(d * k for d, k, *_ in _GEMM_TILES))
     return max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(M, 1024), 64))
 
 
