@@ -21,6 +21,7 @@ COMMANDS = {
     "bench": "vitkernels.experiments.bench",
     "sweep": "vitkernels.experiments.sweep",
     "plot": "vitkernels.experiments.plot",
+    "audit": "vitkernels.experiments.audit",
 }
 
 def run_command(cmd: str, argv: list[str]) -> int:

@@ -476,7 +476,16 @@ def _prune_wide_heads(configs, named_args, **kwargs):
     return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 2048]
 _TUNE_KEY = ["N_Q", "N_K", "HEAD_DIM"]  # the autotuner adds the tensors' dtypes to the key
 
-_fwd_tuned = autotune(_FWD_CONFIGS, _TUNE_KEY)(_attention_fwd_kernel)
+def _prune_fwd(configs, named_args, **kwargs):
+    """Drop the 32 x 32 fallback where the others fit (16-bit inputs, BLOCK_D <= 128): on sm_90a it is the one
+    forward tile without wgmma (32 rows cannot feed a warpgroup's 64-row MMA); fp32 or wider heads keep it."""
+    q = named_args.get("Q")
+    wide = kwargs.get("BLOCK_D", 64) > 128 or getattr(q, "dtype", torch.float16) == torch.float32
+    return configs if wide else [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
+
+
+_fwd_tuned = autotune(_FWD_CONFIGS, _TUNE_KEY, prune_configs_by={"early_config_prune": _prune_fwd})(
+    _attention_fwd_kernel)
 _bwd_dkdv_tuned = autotune(_BWD_DKDV_CONFIGS, _TUNE_KEY,
                            prune_configs_by={"early_config_prune": _prune_wide_heads})(_attention_bwd_dkdv_kernel)
 _bwd_dq_tuned = autotune(_BWD_DQ_CONFIGS, _TUNE_KEY)(_attention_bwd_dq_kernel)
