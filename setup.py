@@ -5,7 +5,8 @@ and a C++ compiler is present (use ``pip install --no-build-isolation`` so the b
 compiles the .cu sources too when torch is a CUDA build and CUDA_HOME has an nvcc of torch's CUDA major
 version (else it builds the CPU twin alone and prints why); 1 makes a failed build an error; 0 skips it (the
 ``cuda`` backend can then JIT-build the same sources on first use). TORCH_CUDA_ARCH_LIST is honoured (default
-"8.0;9.0"), MAX_JOBS too (torch.utils.cpp_extension reads it).
+"8.0;9.0": sm_80 and sm_90a GPU code plus compute_90 PTX; "9.0a" alone: sm_90a only; vitkernels/cuda/build.py's
+``cuda_targets`` says what each entry builds), MAX_JOBS too (torch.utils.cpp_extension reads it).
 
 The extension is a plain libtorch library (``vitkernels/_C.abi3.so``: operators registered with TORCH_LIBRARY,
 no Python bindings, ``py_limited_api=True`` so it does not link libtorch_python), loaded with

@@ -193,6 +193,25 @@ __device__ void zero_fp32(float* dst, int ld) {
 
 constexpr int align128(int bytes) { return (bytes + 127) / 128 * 128; }
 
+// Blocks of `smem_bytes` dynamic shared memory that fit on one SM (1 KB per block is reserved), at most 16
+// blocks of 128 threads: the occupancy shared memory allows. The tile kernels give it to __launch_bounds__
+// as their minimum blocks per SM, which caps registers at what that occupancy leaves (65536 / (128 * blocks))
+// and tells ptxas no higher occupancy is to be had. Without it ptxas kept registers at 48-80 for an
+// occupancy shared memory rules out and spilled 4-16 bytes per thread to stay there (sm_90a: fp32 backward
+// D_PAD >= 64, fp16 forward D_PAD 32, bf16 dQ D_PAD 32; sm_80: fp32 dK/dV, fp16 forward D_PAD 32 and 80).
+// With it nothing spills and no kernel's occupancy drops (tests/test_cuda_ptxas.py checks the spills).
+// Shared memory per SM: 228 KB on sm_90 (H100/H200), 164 KB on sm_80 (A100; the same sm_80 code runs on
+// 8.6/8.9, 100 KB, where fewer blocks fit than the bound says: the register cap is then tighter than needed).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+constexpr int kSmemPerSM = 228 * 1024;
+#else
+constexpr int kSmemPerSM = 164 * 1024;
+#endif
+constexpr int blocks_per_sm(int smem_bytes) {
+  const int blocks = kSmemPerSM / (smem_bytes + 1024);
+  return blocks < 1 ? 1 : (blocks > 16 ? 16 : blocks);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Forward. Tiles: fp16/bf16 BM = 64 queries x BN = 64 keys (BN = 32 for D_PAD = 128); fp32 32 x 32.
 // Leading dims are padded (+8 elements for T tiles, +4 for fp32 tiles) against bank conflicts; they stay
@@ -217,10 +236,11 @@ struct FwdLayout {
   static constexpr int l = m + align128(BM * sizeof(float));        // running sum
   static constexpr int alpha = l + align128(BM * sizeof(float));    // rescale factor of this step
   static constexpr int bytes = alpha + align128(BM * sizeof(float));
+  static constexpr int min_blocks = blocks_per_sm(bytes);
 };
 
 template <typename T, int D_PAD>
-__global__ void __launch_bounds__(kThreads) attention_fwd_kernel(
+__global__ void __launch_bounds__(kThreads, FwdLayout<T, D_PAD>::min_blocks) attention_fwd_kernel(
     const T* __restrict__ q,   // (B, H, N, D), strides sq
     const T* __restrict__ k,   // (B, H, M, D), strides sk
     const T* __restrict__ v,   // (B, H, M, D), strides sv
@@ -362,6 +382,7 @@ struct BwdLayout {
   static constexpr int lse = acc1 + align128(BN * LDA * sizeof(float));     // lse_i * log2(e)
   static constexpr int delta = lse + align128(BM * sizeof(float));
   static constexpr int bytes = delta + align128(BM * sizeof(float));
+  static constexpr int min_blocks = blocks_per_sm(bytes);
 };
 
 // Query-tile rows [i0, i0 + BM) of lse (to log2 units) and delta into shared memory; 0 past N.
@@ -390,7 +411,7 @@ __device__ void softmax_grad_tile(const float* S, const float* dP, const float* 
 }
 
 template <typename T, int D_PAD>
-__global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(
+__global__ void __launch_bounds__(kThreads, BwdLayout<T, D_PAD>::min_blocks) attention_bwd_dkdv_kernel(
     const T* __restrict__ q,       // (B, H, N, D), strides sq
     const T* __restrict__ k,       // (B, H, M, D), strides sk
     const T* __restrict__ v,       // (B, H, M, D), strides sv
@@ -460,7 +481,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(
 }
 
 template <typename T, int D_PAD>
-__global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(
+__global__ void __launch_bounds__(kThreads, BwdLayout<T, D_PAD>::min_blocks) attention_bwd_dq_kernel(
     const T* __restrict__ q,       // (B, H, N, D), strides sq
     const T* __restrict__ k,       // (B, H, M, D), strides sk
     const T* __restrict__ v,       // (B, H, M, D), strides sv

@@ -1,6 +1,7 @@
-"""vitkernels/cuda/build.py without building anything: the JIT build directory's name, the JIT build lock
-(stale locks broken, held locks waited on with a bound, never silently), the nvcc / torch CUDA major check,
-where a built library is looked for, and that the built library does not depend on Python."""
+"""vitkernels/cuda/build.py without building anything: the GPU targets of an arch list (sm_90a by default) and
+whether a library's targets run on a GPU, the JIT build directory's name, the JIT build lock (stale locks
+broken, held locks waited on with a bound, never silently), the nvcc / torch CUDA major check, where a built
+library is looked for, and that the built library does not depend on Python."""
 
 from __future__ import annotations
 
@@ -20,6 +21,94 @@ from torch.utils import cpp_extension
 from vitkernels.cuda import build
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU targets: what TORCH_CUDA_ARCH_LIST builds, and where the result runs
+
+
+def test_default_arch_list_builds_sm80_and_sm90a_with_ptx(monkeypatch):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    assert build.cuda_arch_list() == ["8.0", "9.0"]
+    assert build.cuda_targets() == ["sm_80", "sm_90a", "compute_90"]
+    kw = build.extension_kwargs(root=REPO, with_cuda=True)
+    nvcc = kw["extra_compile_args"]["nvcc"]
+    assert [f for f in nvcc if f.startswith("-gencode")] == [
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90a,code=sm_90a",    # Hopper's arch-specific code, for H100 / H200
+        "-gencode=arch=compute_90,code=compute_90",  # PTX: what a newer GPU's driver compiles
+    ]
+    cxx = kw["extra_compile_args"]["cxx"]
+    assert "-DVK_CUDA_ARCHS=80,90" in cxx  # compiled_archs(): 90 for sm_90a (what gpu_check compares)
+    assert "-DVK_CUDA_TARGETS=sm_80,sm_90a,compute_90" in cxx  # compiled_targets()
+
+
+@pytest.mark.parametrize("arch_list, targets, archs", [
+    ("9.0a", ["sm_90a"], "90"),                        # the carried library for an H100 / H200: no PTX
+    ("8.0;9.0+PTX", ["sm_80", "sm_90a", "compute_90"], "80,90"),
+    ("9.0a+PTX", ["sm_90a", "compute_90"], "90"),      # PTX of plain compute_90: compute_90a runs on 9.0 only
+    ("8.0 8.6+PTX", ["sm_80", "sm_86", "compute_86"], "80,86"),
+    ("8.0;9.0;9.0a", ["sm_80", "sm_90a", "compute_90"], "80,90"),  # no duplicates
+])
+def test_arch_list_entries(monkeypatch, arch_list, targets, archs):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch_list)
+    assert build.cuda_targets() == targets
+    kw = build.extension_kwargs(root=REPO, with_cuda=True)
+    gencode = [f for f in kw["extra_compile_args"]["nvcc"] if f.startswith("-gencode")]
+    assert gencode == build.gencode_flags(targets) and len(set(gencode)) == len(gencode)
+    assert f"-DVK_CUDA_ARCHS={archs}" in kw["extra_compile_args"]["cxx"]
+
+
+def test_torch_adds_no_arch_flags_of_its_own(monkeypatch):
+    """torch.utils.cpp_extension (2.11 and 2.14 alike) adds its own -gencode flags unless the nvcc flags hold an
+    "arch" flag; ours do, so "9.0" is never read as torch reads it (sm_90 code only). torch also accepts "9.0a"
+    in TORCH_CUDA_ARCH_LIST, for builds that leave the flags to it."""
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    nvcc = build.extension_kwargs(root=REPO, with_cuda=True)["extra_compile_args"]["nvcc"]
+    assert cpp_extension._get_cuda_arch_flags(nvcc) == []
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
+    assert cpp_extension._get_cuda_arch_flags([]) == ["-gencode=arch=compute_90a,code=sm_90a"]
+
+
+@pytest.mark.parametrize("targets, capability, runs", [
+    (["sm_80", "sm_90a", "compute_90"], (9, 0), True),    # H100 / H200: the sm_90a code
+    (["sm_80", "sm_90a", "compute_90"], (8, 0), True),    # A100
+    (["sm_80", "sm_90a", "compute_90"], (8, 9), True),    # L4 / L40: sm_80 code runs on 8.x
+    (["sm_80", "sm_90a", "compute_90"], (10, 0), True),   # B200: the compute_90 PTX, compiled by the driver
+    (["sm_80", "sm_90a", "compute_90"], (7, 5), False),   # T4: older than everything held
+    (["sm_90a"], (9, 0), True),                           # a --build-library 9.0a library on an H100
+    (["sm_90a"], (10, 0), False),                         # arch-specific code runs on its own arch only
+    (["sm_90a"], (8, 0), False),
+    (["sm_90"], (9, 0), True),                            # an older build's plain sm_90
+    (["sm_80"], (9, 0), False),                           # GPU code never crosses a major version
+    (["compute_90a"], (10, 0), False),
+    ([], (9, 0), False),                                  # the CPU twin only
+])
+def test_why_not_for_gpu(targets, capability, runs):
+    why = build.why_not_for_gpu(targets, capability)
+    if runs:
+        assert why is None
+    else:
+        assert why is not None and f"sm_{capability[0]}{capability[1]}" in why, why
+
+
+def test_nvcc_flags_are_the_builds(monkeypatch):
+    """tests/test_cuda_ptxas.py compiles with nvcc_flags(): the extension's own nvcc flags, torch's common
+    flags and defines, its default C++ standard (c++17 in torch 2.11, c++20 in 2.14) and include directories."""
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.delenv("CC", raising=False)
+    flags = build.nvcc_flags(["sm_90a"])
+    own = build.extension_kwargs(root=REPO, with_cuda=True)["extra_compile_args"]["nvcc"]
+    assert [f for f in own if not f.startswith("-gencode")] == ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    assert [f for f in flags if f.startswith("-gencode")] == ["-gencode=arch=compute_90a,code=sm_90a"]
+    assert set(cpp_extension.COMMON_NVCC_FLAGS) | {"-O3", "-lineinfo", "-DTORCH_API_INCLUDE_EXTENSION_H"} <= set(flags)
+    includes = [f[2:] for f in flags if f.startswith("-I")]
+    aten = [os.path.join(p, "ATen", "ATen.h") for p in includes if os.path.exists(os.path.join(p, "ATen", "ATen.h"))]
+    assert aten, includes
+    std = [f for f in flags if f.startswith("-std=")]
+    needs_cxx20 = "C++20 or later" in open(aten[0]).read()  # torch 2.14's headers say so; 2.11's build c++17
+    assert std == (["-std=c++20"] if needs_cxx20 else ["-std=c++17"]), std
+    assert [f for f in build.nvcc_flags() if f.startswith("-gencode")] == build.gencode_flags(build.cuda_targets())
 
 
 # ---------------------------------------------------------------------------------------------------------

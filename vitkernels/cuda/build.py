@@ -33,8 +33,11 @@ CUDA: built when torch is a CUDA build, CUDA_HOME (nvcc) exists and nvcc's major
 major (torch refuses to build otherwise); ``cuda_toolkit()`` says why not, and the CPU twin is built alone.
 setup.py builds the .cu files even with no GPU present (CI compiles and links them); the JIT build compiles
 them only when a GPU is visible (or ``VITKERNELS_JIT_CUDA=1``), so a CPU-only machine JIT-builds just the CPU
-twin. ``TORCH_CUDA_ARCH_LIST`` picks the GPU archs (default "8.0;9.0"; "+PTX" adds PTX, "9.0a" the
-arch-specific sm_90a); ``MAX_JOBS`` limits ninja's parallel jobs (torch.utils.cpp_extension reads it).
+twin. ``TORCH_CUDA_ARCH_LIST`` picks the GPU archs (default "8.0;9.0": sm_80 and sm_90a code plus compute_90
+PTX, see ``cuda_targets``; "9.0a" alone gives sm_90a code only, "+PTX" adds PTX); ``MAX_JOBS`` limits ninja's
+parallel jobs (torch.utils.cpp_extension reads it). The library reports what it holds: ``compiled_archs()``
+(the compute capabilities it has GPU code for, [80, 90]) and ``compiled_targets()`` (["sm_80", "sm_90a",
+"compute_90"]); ``why_not_for_gpu`` says whether those run on a given GPU.
 
 This module must stay importable with only torch installed: setup.py imports it from the source tree.
 """
@@ -97,14 +100,105 @@ def _arch_number(arch: str) -> str:
     return major + minor
 
 
-def _gencode_flags(archs: list[str]) -> list[str]:
-    flags = []
-    for arch in archs:
+# "9.0" builds sm_90a GPU code, not sm_90: both load on exactly the same GPUs (compute capability 9.0: H100,
+# H200, GH200), and only sm_90a may use Hopper's arch-specific instructions (wgmma, setmaxnreg, TMA
+# multicast). Neither loads on anything newer, so "9.0" also adds compute_90 PTX, which the driver compiles
+# for a later GPU (Blackwell: sm_100, sm_120) at first use; compute_90a PTX could not serve there (it, too, is
+# for 9.0 only). An explicit "9.0a" is taken literally: sm_90a code only, the smallest library for an H100/H200
+# (``benchmarks/gpu_check.py --build-library 9.0a``). torch's own reading of "9.0" (sm_90 code only) never
+# applies: the -gencode flags given here make torch.utils.cpp_extension add none of its own.
+ARCH_SPECIFIC = {"9.0": "90a"}
+
+
+def cuda_targets(archs: list[str] | None = None) -> list[str]:
+    """What nvcc emits for TORCH_CUDA_ARCH_LIST entries (default ``cuda_arch_list()``): "sm_XY" / "sm_XYa" GPU
+    code, "compute_XY" PTX. "8.0" -> sm_80; "9.0" -> sm_90a + compute_90 (see ``ARCH_SPECIFIC``); "9.0a" ->
+    sm_90a; "+PTX" adds compute_XY PTX ("9.0a+PTX" too: arch-specific PTX would run on 9.0 only)."""
+    targets: list[str] = []
+    for arch in cuda_arch_list() if archs is None else archs:
+        base = arch.split("+")[0]
         num = _arch_number(arch)
-        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
-        if arch.endswith("+PTX"):
-            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+        plain = num.rstrip("abcdefghijklmnopqrstuvwxyz")
+        if base in ARCH_SPECIFIC:
+            new = [f"sm_{ARCH_SPECIFIC[base]}", f"compute_{plain}"]
+        else:
+            new = [f"sm_{num}"] + ([f"compute_{plain}"] if arch.endswith("+PTX") else [])
+        targets += [t for t in new if t not in targets]
+    return targets
+
+
+def gencode_flags(targets: list[str]) -> list[str]:
+    """nvcc's -gencode flags for ``cuda_targets()``: "sm_90a" -> -gencode=arch=compute_90a,code=sm_90a,
+    "compute_90" -> -gencode=arch=compute_90,code=compute_90."""
+    flags = []
+    for target in targets:
+        kind, _, num = target.partition("_")
+        flags.append(f"-gencode=arch=compute_{num},code={kind}_{num}")
     return flags
+
+
+def why_not_for_gpu(targets: list[str], capability: tuple[int, int]) -> str | None:
+    """Why a library holding ``targets`` (``compiled_targets()``) cannot run on a GPU of compute capability
+    ``capability`` (major, minor); None when it can.
+
+    CUDA's rules: sm_XY code runs on X.Z for Z >= Y (same major: sm_80 code on 8.0, 8.6, 8.9); sm_XYa code on
+    X.Y only (sm_90a: H100 / H200); compute_XY PTX on X.Y and every later GPU (the driver compiles it at first
+    use); compute_XYa PTX on X.Y only.
+    """
+    major, minor = capability
+
+    def runs(target: str) -> bool:
+        kind, _, num = target.partition("_")
+        m = re.fullmatch(r"(\d+?)(\d)([a-z]?)", num)
+        if m is None:
+            return False
+        t_major, t_minor, suffix = int(m.group(1)), int(m.group(2)), m.group(3)
+        if suffix:
+            return (major, minor) == (t_major, t_minor)
+        if kind == "sm":
+            return major == t_major and minor >= t_minor
+        return (major, minor) >= (t_major, t_minor)
+
+    if any(runs(t) for t in targets):
+        return None
+    held = ", ".join(targets) or "no GPU code"
+    return f"it holds {held}, none of which runs on a GPU of compute capability {major}.{minor} (sm_{major}{minor})"
+
+
+def nvcc_flags(targets: list[str] | None = None) -> list[str]:
+    """The flags torch's BuildExtension (setup.py) gives nvcc for each csrc/*.cu, besides -c, -o and the
+    dependency file: torch's COMMON_NVCC_FLAGS, -fPIC, this extension's nvcc flags with -gencode for
+    ``targets`` (default ``cuda_targets()``), the defines torch adds, torch's default -std (c++17 up to torch
+    2.11, c++20 from the torch whose headers require it) and the include directories. tests/test_cuda_ptxas.py
+    compiles the kernels with them, so its ptxas report is the build's."""
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    nvcc = _nvcc_extension_flags(cuda_targets() if targets is None else targets)
+    flags = [*cpp_extension.COMMON_NVCC_FLAGS, "-Xcompiler", "-fPIC", *nvcc, "-DTORCH_API_INCLUDE_EXTENSION_H",
+             "-DTORCH_EXTENSION_NAME=_C", f"-std={_torch_cxx_standard()}"]
+    if os.environ.get("CC"):
+        flags += ["-ccbin", os.environ["CC"]]
+    includes = cpp_extension.include_paths(device_type="cuda") + [sysconfig.get_paths()["include"]]
+    return flags + [f"-I{path}" for path in includes]
+
+
+def _torch_cxx_standard() -> str:
+    """The -std torch's BuildExtension adds when a build gives none ("c++17" up to torch 2.11, "c++20" later)."""
+    from torch.utils import cpp_extension
+
+    try:
+        found = re.findall(r"'(c\+\+\d+)'", inspect.getsource(cpp_extension.BuildExtension.build_extensions))
+    except (OSError, TypeError):
+        found = []
+    return found[0] if found else "c++17"
+
+
+def _nvcc_extension_flags(targets: list[str]) -> list[str]:
+    # Explicit -gencode flags: torch then adds no arch flags of its own (with no GPU visible it would otherwise
+    # build for every arch it knows; it also reads "9.0" as sm_90 code only).
+    return ["-O3", "--expt-relaxed-constexpr", "-lineinfo", *gencode_flags(targets)]
 
 
 @functools.lru_cache(maxsize=8)
@@ -163,14 +257,15 @@ def extension_kwargs(root: str | None = None, relative: bool = False, with_cuda:
     if relative:
         sources = [os.path.relpath(s, root) for s in sources]
     cxx = ["-O3"]
-    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    nvcc = _nvcc_extension_flags([])
     if with_cuda:
         archs = cuda_arch_list()
-        # module.cpp reports these (compiled_archs()); digits and commas only, safe in any shell.
-        cxx.append("-DVK_CUDA_ARCHS=" + ",".join(re.sub(r"\D", "", _arch_number(a)) for a in archs))
-        # Explicit -gencode flags: torch then adds no arch flags of its own (with no GPU visible it would
-        # otherwise build for every arch it knows).
-        nvcc += _gencode_flags(archs)
+        targets = cuda_targets(archs)
+        # module.cpp reports these (compiled_archs(), compiled_targets()): letters, digits, underscores and
+        # commas only, safe in any shell.
+        cxx.append("-DVK_CUDA_ARCHS=" + ",".join(dict.fromkeys(re.sub(r"\D", "", _arch_number(a)) for a in archs)))
+        cxx.append("-DVK_CUDA_TARGETS=" + ",".join(targets))
+        nvcc = _nvcc_extension_flags(targets)
     return dict(sources=sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, with_cuda=bool(with_cuda))
 
 
@@ -345,9 +440,21 @@ class Extension:
         return bool(torch.ops.vitkernels_C.has_cuda())
 
     def compiled_archs(self) -> list[int]:
+        """Compute capabilities the library has GPU code for, as 80, 90 ([] without CUDA kernels); an sm_90a
+        build reports 90."""
         import torch
 
         return list(torch.ops.vitkernels_C.compiled_archs())
+
+    def compiled_targets(self) -> list[str]:
+        """What nvcc emitted (``cuda_targets``): e.g. ["sm_80", "sm_90a", "compute_90"]. A library built before
+        this op existed reports its archs as "sm_XY"."""
+        import torch
+
+        try:
+            return list(torch.ops.vitkernels_C.compiled_targets())
+        except (AttributeError, RuntimeError):
+            return [f"sm_{a}" for a in self.compiled_archs()]
 
     def torch_version(self) -> str:
         import torch
@@ -539,7 +646,8 @@ def describe_library(path: str) -> dict:
     code = ("import json, sys\nfrom vitkernels.cuda.build import load_library\n"
             "try:\n    e = load_library(sys.argv[1])\n"
             "except Exception as exc:\n    print(json.dumps(dict(error=str(exc))))\n    sys.exit(1)\n"
-            "print(json.dumps(dict(archs=e.compiled_archs(), has_cuda=e.has_cuda(), torch=e.torch_version())))")
+            "print(json.dumps(dict(archs=e.compiled_archs(), targets=e.compiled_targets(), has_cuda=e.has_cuda(),\n"
+            "                      torch=e.torch_version())))")
     p = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, cwd=_REPO_DIR,
                        timeout=120)
     try:
