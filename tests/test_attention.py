@@ -95,6 +95,20 @@ def test_attention_three_launch_backward(monkeypatch, dtype, shape):
     _check("triton", q, k, v)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1, 32), (2, 3, 197, 64), (1, 2, 77, 80)], ids=lambda s: "x".join(map(str, s)))
+def test_attention_fp32_composed_path(monkeypatch, shape):
+    """fp32 CUDA tensors take the triton backend's composed path (no fp32 tile compiles spill-free for a GPU);
+    forced here on CPU, forward and backward, with the output layout of the kernels."""
+    require_backend("triton", "attention")
+    from vitkernels.triton import attention as A
+
+    monkeypatch.setattr(A, "_composed", lambda q: True)
+    monkeypatch.setattr(A, "_batch_chunks", lambda q, M: [slice(b, b + 1) for b in range(q.shape[0])])
+    _, q, k, v = _qkv(*shape, torch.float32)
+    ours, _ = _check("triton", q, k, v)
+    assert ours.transpose(1, 2).is_contiguous()
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_attention_cross_lengths_and_layouts(backend, dtype):

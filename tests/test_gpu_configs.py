@@ -100,8 +100,8 @@ def test_gpu_config_in_the_interpreter(monkeypatch, config, variant, dtype):
     require_backend("triton", "linear")
     from vitkernels.triton import linear as L
 
-    if config not in L._prune_configs([config], {}, **_FLAGS.get(variant, {})):
-        pytest.skip("the autotuner prunes this tile for this launch (it spills on sm_90a)")
+    if config not in L._prune_configs([config], {"a_ptr": torch.empty(0, dtype=dtype)}, **_FLAGS.get(variant, {})):
+        pytest.skip("the autotuner prunes this tile for this launch and dtype (other family, or it spills)")
     monkeypatch.setattr(L, "interp_config", lambda *_: (dict(config.kwargs), config.num_warps))
     if variant.endswith("split"):
         assert L.split_count(P_DW, Q_DW, S_DW, torch.device("cpu")) > 1  # the split path is what runs
@@ -134,7 +134,8 @@ def test_attention_gpu_config_in_the_interpreter(monkeypatch, which, config, dty
     from vitkernels.triton import attention as A
 
     # D = 80 (padded to 128), or 64 for a tile pruned at wider heads (where it spills on sm_90a)
-    D = 80 if which not in ("dkdv", "fused") or A._prune_wide_heads([config], {}, BLOCK_D=128) else 64
+    prune = {"fwd": A._prune_fwd, "dkdv": A._prune_wide_heads, "dq": A._prune_dq, "fused": A._prune_wide_heads}
+    D = 80 if prune[which]([config], {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=128) else 64
     plain = {"fwd": A._attention_fwd_kernel, "dkdv": A._attention_bwd_dkdv_kernel, "dq": A._attention_bwd_dq_kernel,
              "fused": A._attention_bwd_fused_kernel}
     default = A._kernel
@@ -165,7 +166,7 @@ def test_attention_gpu_config_in_the_interpreter(monkeypatch, which, config, dty
 def _patch_tiles():
     from vitkernels.triton import patch_embed as PE
 
-    return PE._GEMM_TILES
+    return PE._TILES
 
 
 @pytest.mark.parametrize("tile", _patch_tiles(), ids=lambda t: "x".join(map(str, t[:3])) + f"_w{t[3]}")

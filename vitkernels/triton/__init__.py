@@ -28,6 +28,16 @@ def autotune(configs, key, **kwargs):
     return triton.autotune(configs=configs, key=key, cache_results=AUTOTUNE_CACHE, **kwargs)
 
 
+def capability(t) -> int:
+    """The compute capability (major * 10 + minor) of CUDA tensor ``t``'s device, for the autotuners' pruning
+    rules (config limits differ between sm_80 and sm_90); 90 for anything else (a static audit's stand-in
+    device answers for itself)."""
+    if isinstance(t, torch.Tensor) and t.is_cuda:
+        props = torch.cuda.get_device_properties(t.device)
+        return props.major * 10 + props.minor
+    return 90
+
+
 def why_unavailable() -> str | None:
     try:
         import triton  # noqa: F401

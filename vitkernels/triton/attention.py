@@ -32,6 +32,11 @@ Supported range and limits:
   probabilities P and dS are rounded to the input dtype before their GEMMs, as in FlashAttention-2.
 - fp32 inputs: every GEMM runs with ``input_precision="ieee"`` (no TF32), so fp32 results are accurate to
   fp32 rounding (within 2x PyTorch's own fp32 error in the tests), at fp32 FMA speed, not tensor-core speed.
+  That holds for CPU tensors (the interpreter). Compiled for a GPU, every fp32 tile spills registers on
+  sm_80 and sm_90a (an FMA dot holds each thread's row of q and columns of k over the whole head dim: 28 B
+  to 160 KB per thread in ``python -m vitkernels audit --dtypes fp32``), so no fp32 tile is offered there:
+  fp32 CUDA tensors take a composed path with the same contract (fp32 cuBLAS GEMMs, scores materialised
+  per batch chunk; ``_composed_fwd`` / ``_composed_bwd``). Under autocast attention runs in bf16 / fp16.
 - Non-causal, no mask, no dropout: what ViT attention needs.
 
 Block sizes: on a GPU a few configurations are autotuned per (N, M, D, dtype). N = 197 (ViT-B/16) matters
@@ -48,7 +53,7 @@ import triton
 import triton.language as tl
 
 from vitkernels.backends import triton_interpreter
-from vitkernels.triton import NAMESPACE, autotune
+from vitkernels.triton import NAMESPACE, autotune, capability
 from vitkernels.ops.attention import CONTRACT, empty_bnhd
 
 __all__ = ["attention", "attention_fwd", "attention_bwd", "attention_bwd_into", "launch_grid"]
@@ -474,23 +479,51 @@ def _prune_wide_heads(configs, named_args, **kwargs):
     if kwargs.get("BLOCK_D", 64) <= 64:
         return configs
     return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 2048]
+
+
+def _prune_fused_bwd(configs, named_args, **kwargs):
+    """_prune_wide_heads, and on sm_80 (mma.sync keeps the operand fragments of five GEMMs in registers) only
+    32-query blocks: 64 x 64, 64 x 128 and 64 x 32 spill 8-128 B per thread at D = 64 and 128."""
+    configs = _prune_wide_heads(configs, named_args, **kwargs)
+    if capability(named_args.get("Q")) < 90:
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] <= 32]
+    return configs
 _TUNE_KEY = ["N_Q", "N_K", "HEAD_DIM"]  # the autotuner adds the tensors' dtypes to the key
 
 def _prune_fwd(configs, named_args, **kwargs):
     """Drop the 32 x 32 fallback where the others fit (16-bit inputs, BLOCK_D <= 128): on sm_90a it is the one
-    forward tile without wgmma (32 rows cannot feed a warpgroup's 64-row MMA); fp32 or wider heads keep it."""
+    forward tile without wgmma (32 rows cannot feed a warpgroup's 64-row MMA); fp32 or wider heads keep it.
+    At BLOCK_D = 128 (D = 80, 96, 128) keep the tiles whose output and score accumulators, BLOCK_M x
+    (BLOCK_D + BLOCK_N) fp32, come to at most 96 elements per thread (80 on sm_80): 128 x 32 (4 warps) and
+    128 x 128 spill 52-100 B on sm_90a, and on sm_80 also 64 x 64 and 128 x 64 (4-8 B)."""
     q = named_args.get("Q")
-    wide = kwargs.get("BLOCK_D", 64) > 128 or getattr(q, "dtype", torch.float16) == torch.float32
-    return configs if wide else [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
+    block_d = kwargs.get("BLOCK_D", 64)
+    if block_d > 128 or getattr(q, "dtype", torch.float16) == torch.float32:
+        return configs
+    configs = [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
+    if block_d > 64:
+        budget = 96 if capability(q) >= 90 else 80
+        configs = [c for c in configs
+                   if c.kwargs["BLOCK_M"] * (block_d + c.kwargs["BLOCK_N"]) <= budget * 32 * c.num_warps]
+    return configs
 
 
 _fwd_tuned = autotune(_FWD_CONFIGS, _TUNE_KEY, prune_configs_by={"early_config_prune": _prune_fwd})(
     _attention_fwd_kernel)
 _bwd_dkdv_tuned = autotune(_BWD_DKDV_CONFIGS, _TUNE_KEY,
                            prune_configs_by={"early_config_prune": _prune_wide_heads})(_attention_bwd_dkdv_kernel)
-_bwd_dq_tuned = autotune(_BWD_DQ_CONFIGS, _TUNE_KEY)(_attention_bwd_dq_kernel)
+def _prune_dq(configs, named_args, **kwargs):
+    """At BLOCK_D > 64 the dQ kernel keeps query blocks of at most 64 rows (128 x 32 and 128 x 64 spill
+    172-736 B per thread on sm_80)."""
+    if kwargs.get("BLOCK_D", 64) <= 64:
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= 64]
+
+
+_bwd_dq_tuned = autotune(_BWD_DQ_CONFIGS, _TUNE_KEY, prune_configs_by={"early_config_prune": _prune_dq})(
+    _attention_bwd_dq_kernel)
 _bwd_fused_tuned = autotune(_BWD_FUSED_CONFIGS, _TUNE_KEY, reset_to_zero=["DQACC"],
-                            prune_configs_by={"early_config_prune": _prune_wide_heads})(_attention_bwd_fused_kernel)
+                            prune_configs_by={"early_config_prune": _prune_fused_bwd})(_attention_bwd_fused_kernel)
 
 # The one-launch backward runs one program per (batch, head): it is chosen when B * H fills the GPU (at least
 # FUSED_BWD_PROGRAMS_PER_SM programs per SM); smaller batches keep the three-launch one (a program per block
@@ -504,6 +537,12 @@ def fused_bwd_min_bh(device: torch.device) -> int:
     if triton_interpreter():
         return 1
     return FUSED_BWD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def fused_bwd_compiles(q: torch.Tensor, block_d: int) -> bool:
+    """Whether a one-launch backward tile compiles spill-free for q's device: not on sm_80 at BLOCK_D = 128,
+    where its two 2,048-score tiles spill 56-128 B per thread (the three-launch form runs there)."""
+    return block_d <= 64 or capability(q) >= 90
 
 # Under the interpreter: one small configuration, no autotuning (num_warps/num_stages are ignored there).
 _INTERPRETER_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64}
@@ -528,6 +567,44 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# fp32 on a GPU: the same contract in fp32 PyTorch GEMMs (see the module docstring: every fp32 tile of the
+# kernels above spills registers once compiled for sm_80 / sm_90a, so none is offered there). Scores are
+# materialised per chunk of the batch so that they stay under 64 Mi elements (256 MB).
+# ----------------------------------------------------------------------------------------------------------
+GPU_DTYPES = (torch.float16, torch.bfloat16)  # what the kernels take on a GPU
+
+
+def _composed(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype not in GPU_DTYPES
+
+
+def _batch_chunks(q: torch.Tensor, M: int):
+    """Slices of the batch whose (chunk, H, N, M) fp32 scores hold at most 64 Mi elements."""
+    B, H, N, _ = q.shape
+    per = max(1, (64 << 20) // max(1, H * N * M))
+    return [slice(b, min(b + per, B)) for b in range(0, B, per)]
+
+
+def _composed_fwd(q, k, v, scale, o, lse):
+    for c in _batch_chunks(q, k.shape[2]):
+        s = torch.matmul(q[c], k[c].transpose(-1, -2)) * scale  # (chunk, H, N, M)
+        lse[c] = torch.logsumexp(s, dim=-1)
+        o[c] = torch.matmul(torch.exp(s - lse[c, ..., None]), v[c])
+    return o, lse
+
+
+def _composed_bwd(grad_out, q, k, v, o, lse, scale, dq, dk, dv):
+    for c in _batch_chunks(q, k.shape[2]):
+        p = torch.exp(torch.matmul(q[c], k[c].transpose(-1, -2)) * scale - lse[c, ..., None])  # (chunk, H, N, M)
+        ds = p * (torch.matmul(grad_out[c], v[c].transpose(-1, -2))
+                  - (grad_out[c] * o[c]).sum(-1, keepdim=True))  # P * (dO V^T - rowsum(dO * O))
+        dq[c] = torch.matmul(ds, k[c]) * scale
+        dk[c] = torch.matmul(ds.transpose(-1, -2), q[c]) * scale
+        dv[c] = torch.matmul(p.transpose(-1, -2), grad_out[c])
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Launchers (no autograd; tests and benchmarks call them directly)
 # ----------------------------------------------------------------------------------------------------------
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
@@ -539,6 +616,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     if o.numel() == 0 or M == 0:
         return o, lse
+    if _composed(q):
+        return _composed_fwd(q, k, v, scale, o, lse)
     kernel, blocks = _kernel(_fwd_tuned, _attention_fwd_kernel)
 
     def grid(meta):
@@ -572,11 +651,13 @@ def attention_bwd_into(grad_out, q, k, v, o, lse, scale, dq, dk, dv):
     if q.numel() == 0 or M == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     lse = lse.contiguous()
+    if _composed(q):
+        return _composed_bwd(grad_out, q, k, v, o, lse, scale, dq, dk, dv)
     delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     precision = _precision(q.dtype)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
 
-    if B * H >= fused_bwd_min_bh(q.device):  # one launch, 5 GEMMs per tile pair
+    if B * H >= fused_bwd_min_bh(q.device) and fused_bwd_compiles(q, BLOCK_D):  # one launch, 5 GEMMs per tile pair
         dq_acc = torch.zeros((B, H, N, BLOCK_D), device=q.device, dtype=torch.float32)
         kernel, blocks = _kernel(_bwd_fused_tuned, _attention_bwd_fused_kernel)
         kernel[(B * H,)](

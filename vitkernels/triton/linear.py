@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from vitkernels.backends import triton_interpreter
-from vitkernels.triton import NAMESPACE, autotune
+from vitkernels.triton import NAMESPACE, autotune, capability
 from vitkernels.ops.linear import CONTRACT
 
 
@@ -301,8 +301,10 @@ def _linear_bwd_dz_kernel(
 
 # --------------------------------------------------------------------------------------------- launchers
 def _gpu_configs():
-    # Hopper/Ampere-sized tiles (Triton matmul tutorial); fp32 "ieee" configs that do not fit shared memory
-    # are skipped by the autotuner (it scores OutOfResources as infinitely slow).
+    # 16-bit: Hopper/Ampere-sized tensor-core tiles (Triton matmul tutorial), BLOCK_S >= 32. fp32: tl.dot with
+    # input_precision="ieee" runs on the FMA units, where every thread holds its rows of a and columns of b
+    # for the whole BLOCK_S: those tiles have a short reduction block (BLOCK_S = 8) to stay in registers.
+    # _prune_configs keeps one family or the other by the operands' dtype.
     shapes = [  # (BLOCK_P, BLOCK_Q, BLOCK_S, num_stages, num_warps)
         (128, 256, 64, 3, 8),
         (256, 128, 64, 3, 8),
@@ -312,6 +314,12 @@ def _gpu_configs():
         (128, 64, 32, 4, 4),
         (64, 128, 64, 4, 4),
         (64, 64, 32, 4, 2),
+        # fp32 (FMA)
+        (64, 64, 8, 3, 2),
+        (128, 64, 8, 3, 8),
+        (64, 128, 8, 3, 8),
+        (32, 64, 8, 3, 4),
+        (32, 32, 8, 3, 2),
     ]
     return [
         triton.Config({"BLOCK_P": p, "BLOCK_Q": q, "BLOCK_S": s, "GROUP_P": 8}, num_stages=st, num_warps=w)
@@ -333,29 +341,52 @@ def _smem_limit(device) -> int:
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """The tiles that compile within the target's limits, without spills, for this launch's prologues and
-    epilogue. The rules come from compiling every config for sm_90a (ptxas -v, ``python -m vitkernels
-    audit``) at ViT-B/16 and ViT-L/16 shapes, with the subtiled epilogue:
+    """The tiles that compile within the target's limits, without spills, for this launch's dtype, target,
+    prologues and epilogue. The rules come from compiling every config for sm_90a and sm_80 (ptxas -v,
+    ``python -m vitkernels audit``) at ViT-B/16 and ViT-L/16 shapes, with the subtiled epilogue:
+      - dtype: 16-bit operands take the tensor-core tiles, fp32 the FMA tiles (BLOCK_S = 8, _gpu_configs);
       - shared memory: num_stages x (BLOCK_P + BLOCK_Q) x BLOCK_S x element size within the per-block limit
-        (drops the large fp32 tiles; Triton's pipelining allocates exactly this for these kernels);
+        (Triton's pipelining allocates exactly this for these kernels);
       - GELU'(z) or column sums in the epilogue (DGELU, COLSUM): at most 2,048 accumulator elements per warp
         (larger tiles spill 52-152 B per thread);
       - a GELU prologue on a 256-long side of the tile (fc2's z tiles, dW2's b tiles): spills 84-236 B;
       - GELU + saving z with 256-row tiles: spills 8 B.
-    Each variant keeps at least one 128 x 256 or 256 x 128 (or 128 x 128 x 64, 8-warp) tile. By shape: a tile
-    more than twice as tall (wide) as a small P (Q) only computes padding, so it is not tried (the smallest
-    tile stays when nothing else does)."""
+    sm_80 (mma.sync: operand fragments live in registers next to the accumulator, where wgmma reads them
+    from shared memory) adds:
+      - any prologue or an epilogue beyond bias / residual: at most 64 accumulator elements per thread
+        (128 spill 8-916 B);
+      - a GELU prologue on a: BLOCK_S = 32 (64 spills 612-8,544 B);
+      - no 64 x 128 x 64 4-warp tile (spills 12 B in the dx GEMMs; 128 x 64 x 32 takes its place).
+    fp32 (FMA), both targets: <= 32 accumulator elements per thread with a prologue or a GELU / DGELU
+    epilogue, <= 64 otherwise.
+    Each 16-bit variant keeps at least one 128 x 256 or 256 x 128 (or 128 x 128 x 64, 8-warp) tile on
+    sm_90a. By shape: a tile more than twice as tall (wide) as a small P (Q) only computes padding, so it is
+    not tried (the smallest tile stays when nothing else does)."""
     a = named_args.get("a_ptr")
+    elem = a.element_size() if isinstance(a, torch.Tensor) else 2
+    fma = elem == 4
+    configs = [c for c in configs if (c.kwargs["BLOCK_S"] <= 16) == fma]
     P, Q = named_args.get("P"), named_args.get("Q")
     if isinstance(P, int) and isinstance(Q, int):
         fits = [c for c in configs if c.kwargs["BLOCK_P"] <= max(64, 2 * P) and c.kwargs["BLOCK_Q"] <= max(64, 2 * Q)]
         configs = fits or [min(configs, key=lambda c: c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_Q"])]
-    elem = a.element_size() if isinstance(a, torch.Tensor) else 2
     limit = _smem_limit(a.device) if isinstance(a, torch.Tensor) and a.is_cuda else 227 * 1024
+    sm80 = capability(a) < 90
+    prologue = bool(kwargs.get("A_PRO") or kwargs.get("B_PRO"))
+    busy_epilogue = bool(kwargs.get("GELU") or kwargs.get("SAVE_Z") or kwargs.get("DGELU") or kwargs.get("COLSUM"))
     keep = []
     for c in configs:
         bp, bq, bs, warps = c.kwargs["BLOCK_P"], c.kwargs["BLOCK_Q"], c.kwargs["BLOCK_S"], c.num_warps
+        per_thread = bp * bq // (32 * warps)  # fp32 accumulator elements per thread
         if c.num_stages * (bp + bq) * bs * elem > limit:
+            continue
+        if kwargs.get("COLSUM") and bp < _COLSUM_ROWS and not (isinstance(P, int) and P <= bp):
+            continue  # the partial sums are per COLSUM_ROWS rows (or one tile holds every row)
+        if fma:
+            heavy = prologue or kwargs.get("GELU") or kwargs.get("DGELU")
+            if per_thread > (32 if heavy else 64):
+                continue
+            keep.append(c)
             continue
         if (kwargs.get("DGELU") or kwargs.get("COLSUM")) and bp * bq > 2048 * warps:
             continue
@@ -363,6 +394,13 @@ def _prune_configs(configs, named_args, **kwargs):
             continue
         if kwargs.get("GELU") and kwargs.get("SAVE_Z") and bp >= 256:
             continue
+        if sm80:
+            if (prologue or busy_epilogue) and per_thread > 64:
+                continue
+            if kwargs.get("A_PRO") == PRO_GELU and bs > 32:
+                continue
+            if (bp, bq, bs, warps) == (64, 128, 64, 4):
+                continue
         keep.append(c)
     return keep
 

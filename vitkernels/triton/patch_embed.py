@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from vitkernels.backends import triton_interpreter
-from vitkernels.triton import NAMESPACE, autotune
+from vitkernels.triton import NAMESPACE, autotune, capability
 from vitkernels.ops.patch_embed import CONTRACT
 
 __all__ = ["patch_embed", "patch_embed_fwd", "patch_embed_bwd"]
@@ -259,7 +259,8 @@ def _configs(names: tuple[str, str, str], gpu: list[tuple[int, int, int, int, in
     return [triton.Config(dict(zip(names, blocks)), num_warps=w, num_stages=s) for *blocks, w, s in gpu]
 
 
-# (first, second, reduction block, warps, stages): the usual GEMM tiles for K and D in the hundreds.
+# (first, second, reduction block, warps, stages), three families; _prune keeps one per launch:
+# - tensor-core tiles for 16-bit inputs, the usual GEMM tiles for K and D in the hundreds;
 _GEMM_TILES = [
     (128, 128, 64, 8, 3),
     (128, 256, 64, 8, 3),
@@ -268,16 +269,62 @@ _GEMM_TILES = [
     (128, 128, 32, 4, 4),
     (64, 64, 64, 4, 3),
 ]
+# - 16-bit with a patch size that is not a power of two (14: DINOv2, ViT-H/14): a patch row is 14 pixels, so
+#   the image loads cannot be vectorised and each element carries its own 64-bit address; every tile above
+#   spills there (130-4,852 B per thread), these shorter-pipelined ones do not;
+_GATHER_TILES = [
+    (128, 128, 32, 8, 3),
+    (128, 64, 32, 4, 2),
+    (64, 64, 32, 4, 3),
+    (128, 128, 64, 8, 2),
+]
+# - fp32: its dots ("ieee") run on the FMA units, where each thread holds its rows and columns of the operands
+#   for the whole reduction block, so that block is short (8).
+_FMA_TILES = [
+    (128, 64, 8, 8, 3),
+    (64, 128, 8, 8, 3),
+    (32, 64, 8, 4, 3),
+]
+_TILES = _GEMM_TILES + _GATHER_TILES + _FMA_TILES
+_FAMILY = {**{t: "gemm" for t in _GEMM_TILES}, **{t: "gather" for t in _GATHER_TILES},
+           **{t: "fma" for t in _FMA_TILES}}
 
-_fwd_kernel = autotune(
-    _configs(("BLOCK_M", "BLOCK_D", "BLOCK_K"), _GEMM_TILES), ["M", "D", "K"]
-)(_patch_embed_fwd_kernel)
-_bwd_dw_kernel = autotune(
-    _configs(("BLOCK_D", "BLOCK_K", "BLOCK_M"), _GEMM_TILES), ["M", "D", "K"]
-)(_patch_embed_bwd_dw_kernel)
-_bwd_dx_kernel = autotune(
-    _configs(("BLOCK_M", "BLOCK_K", "BLOCK_D"), _GEMM_TILES), ["M", "D", "K"]
-)(_patch_embed_bwd_dx_kernel)
+
+def _prune(names: tuple[str, str, str], weight_gradient: bool = False):
+    """The autotuner's ``early_config_prune`` for one kernel (``names``: its blocks, reduction last): the tile
+    family of this launch, and what compiling every config for sm_90a and sm_80 (``python -m vitkernels
+    audit``, ViT-B/16, ViT-L/16, ViT-H/14) showed to spill in the weight gradient: on sm_80 the 128 x 256
+    tile (28 B per thread); with gathered loads, the 64-long reduction block (188-308 B), and on sm_80 all
+    but the 64 x 64 tile (76-7,820 B)."""
+    def prune(configs, named_args, **kwargs):
+        p = kwargs.get("P", 16)
+        family = ("fma" if kwargs.get("DOT_PRECISION") == "ieee" else
+                  "gemm" if p & (p - 1) == 0 else "gather")
+        sm80 = capability(next((v for v in named_args.values() if isinstance(v, torch.Tensor)), None)) < 90
+        keep = []
+        for c in configs:
+            tile = (*(c.kwargs[n] for n in names), c.num_warps, c.num_stages)
+            if _FAMILY.get(tile) != family:
+                continue
+            if weight_gradient and family == "gemm" and sm80 and tile[0] * tile[1] >= 128 * 256:
+                continue
+            if weight_gradient and family == "gather" and (tile[2] > 32 or (sm80 and tile[0] * tile[1] > 64 * 64)):
+                continue
+            keep.append(c)
+        return keep or configs  # (the interpreter's one config)
+
+    return prune
+
+
+_FWD_BLOCKS, _DW_BLOCKS, _DX_BLOCKS = ("BLOCK_M", "BLOCK_D", "BLOCK_K"), ("BLOCK_D", "BLOCK_K", "BLOCK_M"), \
+    ("BLOCK_M", "BLOCK_K", "BLOCK_D")
+_fwd_kernel = autotune(_configs(_FWD_BLOCKS, _TILES), ["M", "D", "K"],
+                       prune_configs_by={"early_config_prune": _prune(_FWD_BLOCKS)})(_patch_embed_fwd_kernel)
+_bwd_dw_kernel = autotune(_configs(_DW_BLOCKS, _TILES), ["M", "D", "K"],
+                          prune_configs_by={"early_config_prune": _prune(_DW_BLOCKS, weight_gradient=True)})(
+    _patch_embed_bwd_dw_kernel)
+_bwd_dx_kernel = autotune(_configs(_DX_BLOCKS, _TILES), ["M", "D", "K"],
+                          prune_configs_by={"early_config_prune": _prune(_DX_BLOCKS)})(_patch_embed_bwd_dx_kernel)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
