@@ -282,14 +282,15 @@ def judge_library(path: str, capability: tuple[int, int] | None) -> tuple[dict |
     if not info["has_cuda"]:
         return info, f"{path} has no CUDA kernels (built for the CPU twin only)"
     if capability is not None:
-        arch = capability[0] * 10 + capability[1]
-        if arch not in info["archs"]:
-            return info, f"{path} holds {_archs(info)} but this GPU is sm_{arch}"
+        targets = info.get("targets") or [f"sm_{a}" for a in info["archs"]]
+        why = _vk_build().why_not_for_gpu(targets, tuple(capability))
+        if why is not None:
+            return info, f"{path}: {why}"
     return info, None
 
 
 def _archs(info: dict) -> str:
-    return ", ".join(f"sm_{a}" for a in info["archs"]) or "no GPU arch"
+    return ", ".join(info.get("targets") or [f"sm_{a}" for a in info["archs"]]) or "no GPU arch"
 
 
 def build_library(arch: str, out_dir: str) -> int:

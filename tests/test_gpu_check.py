@@ -310,3 +310,18 @@ def test_results_path_does_not_overwrite(gc, monkeypatch, tmp_path):
     os.makedirs(os.path.dirname(first))
     open(first, "w").close()
     assert gc.results_path("NVIDIA H200", now).endswith("2026-01-02_nvidia-h200_030405.json")
+
+
+@pytest.mark.parametrize("targets,capability,runs", [
+    (["sm_80", "sm_90a", "compute_90"], (9, 0), True), (["sm_80", "sm_90a", "compute_90"], (8, 6), True),
+    (["sm_80", "sm_90a", "compute_90"], (10, 0), True), (["sm_90a"], (10, 0), False), (["sm_90a"], (8, 0), False)])
+def test_judge_library_reads_the_compiled_targets(gc, monkeypatch, targets, capability, runs):
+    """sm_90a code runs on 9.0 only, compute_90 PTX on 9.0 and later, sm_80 code on 8.x (CUDA's rules)."""
+    from vitkernels.cuda import build
+
+    info = {"archs": [80, 90], "targets": targets, "has_cuda": True, "torch": "2.11.0"}
+    monkeypatch.setattr(build, "describe_library", lambda path: dict(info))
+    _, why = gc.judge_library("/carried/_C.abi3.so", capability)
+    assert (why is None) == runs, why
+    if not runs:
+        assert f"{capability[0]}.{capability[1]}" in why and targets[0] in why

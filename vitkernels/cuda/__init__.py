@@ -68,7 +68,7 @@ def extension_info() -> dict:
             info["why_unavailable"] = f"{type(exc).__name__}: {exc}"
     if ext is not None:
         info.update(loaded=True, path=os.path.abspath(ext.__file__), has_cuda=bool(ext.has_cuda()),
-                    archs=[f"sm_{a}" for a in ext.compiled_archs()])
+                    archs=ext.compiled_targets())
     info["built"] = info["loaded"]
     return info
 
