@@ -169,10 +169,11 @@ def _patch_tiles():
     return PE._TILES
 
 
-@pytest.mark.parametrize("tile", _patch_tiles(), ids=lambda t: "x".join(map(str, t[:3])) + f"_w{t[3]}")
+@pytest.mark.parametrize("tile", _patch_tiles(), ids=lambda t: "x".join(map(str, t[:3])) + f"_w{t[3]}_s{t[4]}")
 def test_patch_embed_gpu_config_in_the_interpreter(monkeypatch, tile):
     """Forward and both gradients with one GPU tile for all three kernels, fp32: 3 x 40 x 56 images, patch
-    8 (K = 192), D = 136: a tail along every dimension for every tile; class token and position embedding."""
+    8 (K = 192), D = 136 (3 x 42 x 70, patch 14, K = 588 for the gathered-load tiles): a tail along every
+    dimension for every tile; class token and position embedding."""
     require_backend("triton", "patch_embed")
     import triton
 
@@ -186,9 +187,11 @@ def test_patch_embed_gpu_config_in_the_interpreter(monkeypatch, tile):
         monkeypatch.setattr(kernel, "configs", [triton.Config(dict(zip(names, blocks)), num_warps=warps,
                                                               num_stages=stages)])
     g = torch.Generator().manual_seed(0)
-    D, P = 136, 8
-    N = (40 // P) * (56 // P)
-    t = dict(images=torch.randn(2, 3, 40, 56, generator=g), weight=torch.randn(D, 3, P, P, generator=g) / 14,
+    # The tiles for gathered loads serve patch sizes that are not a power of two: run them at patch 14.
+    D, P = 136, (14 if PE._FAMILY[tuple(tile)] == "gather" else 8)
+    H, W = (5 * P, 7 * P) if P == 8 else (3 * P, 5 * P)
+    N = (H // P) * (W // P)
+    t = dict(images=torch.randn(2, 3, H, W, generator=g), weight=torch.randn(D, 3, P, P, generator=g) / 14,
              bias=torch.randn(D, generator=g), pos=torch.randn(1, N + 1, D, generator=g),
              cls=torch.randn(1, 1, D, generator=g))
     dy = torch.randn(2, N + 1, D, generator=g)
