@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import vitkernels
+import vitkernels.pretrained
 from optional import need
 from vitkernels import VisionTransformer
 
@@ -77,7 +78,7 @@ def test_dynamic_img_size_matches_timm():
 
 def test_timm_methods():
     model = VisionTransformer(**TINY)
-    assert model.no_weight_decay() == {"pos_embed", "cls_token", "dist_token"}
+    assert model.no_weight_decay() == TimmViT(**TINY).no_weight_decay()
     assert model.get_classifier() is model.head
     model.reset_classifier(3)
     head = model.get_classifier()
@@ -87,8 +88,8 @@ def test_timm_methods():
     assert logits.shape == (2, 3) and torch.count_nonzero(logits) == 0  # zero head: uniform predictions
     model.reset_classifier(0, global_pool="avg")
     assert model(x).shape == (2, 64) and model.global_pool == "avg"
-    with pytest.raises(ValueError, match="global_pool"):
-        model.reset_classifier(2, global_pool="max")
+    with pytest.raises(ValueError, match="global_pool='map' .attention pooling. is not supported"):
+        model.reset_classifier(2, global_pool="map")
 
 
 def test_grad_checkpointing_same_gradients():
@@ -168,13 +169,13 @@ def test_paper_table_sizes():
     assert round(counts["vit_huge_patch14_224"]) == 631
 
 
-def test_create_model_overrides_and_errors():
-    m = vitkernels.create_model("vit_tiny_patch16_224", img_size=32, num_classes=4, depth=1)
-    assert m(torch.randn(1, 3, 32, 32)).shape == (1, 4)
+def test_create_model_overrides_and_errors(tmp_path):
+    m = vitkernels.create_model("vit_tiny_patch16_224", img_size=32, num_classes=4, depth=1, patch_size=8)
+    assert m(torch.randn(1, 3, 32, 32)).shape == (1, 4) and m.patch_embed.grid_size == (4, 4)
     with pytest.raises(ValueError, match="unknown model 'vit_gigantic'"):
         vitkernels.create_model("vit_gigantic")
-    with pytest.raises(ValueError, match="downloads no weights"):
-        vitkernels.create_model("vit_tiny_patch16_224", pretrained=True)
+    with pytest.raises(vitkernels.pretrained.PretrainedWeightsError, match="vitkernels downloads nothing"):
+        vitkernels.create_model("vit_tiny_patch16_224", pretrained=True, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="unknown backend 'cudnn'"):
         vitkernels.create_model("vit_tiny_patch16_224", backend="cudnn")
 

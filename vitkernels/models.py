@@ -42,31 +42,136 @@ _NAMES = {
 }
 
 
-def list_models(pattern: str = "*") -> list[str]:
-    """Model names known to ``create_model`` (fnmatch ``pattern``), sorted."""
+def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
+    """Model names known to ``create_model`` (fnmatch ``pattern``), sorted; with ``pretrained``, every
+    'name.tag' that has a pretrained config (timm's ``list_models(pretrained=True)``)."""
     import fnmatch
 
-    return sorted(n for n in _NAMES if fnmatch.fnmatch(n, pattern))
+    from vitkernels.pretrained import list_pretrained
+
+    names = list_pretrained() if pretrained else _NAMES
+    return sorted(n for n in names if fnmatch.fnmatch(n, pattern))
+
+
+def _arch(name: str) -> tuple[str, str]:
+    from vitkernels.pretrained import split_model_name_tag
+
+    if not isinstance(name, str) or ":" in name:
+        raise ValueError(f"model name {name!r}: vitkernels builds its own architectures by timm name (optionally "
+                         "'name.tag'); it reads no model configs from the Hugging Face hub or local directories")
+    arch, tag = split_model_name_tag(name)
+    if arch not in _NAMES:
+        close = [n for n in _NAMES if arch.split("_")[0] in n][:5]
+        raise ValueError(f"unknown model {arch!r}; known models: {', '.join(list_models())}"
+                         + (f" (did you mean one of {close}?)" if close else ""))
+    return arch, tag
 
 
 def model_config(name: str) -> dict:
-    """The constructor arguments ``create_model(name)`` uses (before overrides)."""
-    if name not in _NAMES:
-        close = [n for n in _NAMES if name.split("_")[0] in n][:5]
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}"
-                         + (f" (did you mean one of {close}?)" if close else ""))
-    family, patch, img, classes = _NAMES[name]
-    return dict(_FAMILIES[family], patch_size=patch, img_size=img, num_classes=classes)
+    """The constructor arguments ``create_model(name)`` uses (before overrides): the architecture's, with
+    img_size, in_chans and num_classes from the name's (or tag's) pretrained config, as in timm."""
+    from vitkernels.pretrained import resolve_pretrained_cfg
+
+    arch, tag = _arch(name)
+    family, patch, img, classes = _NAMES[arch]
+    cfg = resolve_pretrained_cfg(arch, tag or None)
+    H, W = cfg["input_size"][-2:]
+    return dict(_FAMILIES[family], patch_size=patch, img_size=H if H == W else (H, W),
+                in_chans=cfg["input_size"][0], num_classes=cfg["num_classes"])
 
 
-def create_model(name: str, **overrides) -> VisionTransformer:
-    """Build ``name`` (timm's names, same parameter count and keys) with constructor overrides, e.g.
-    ``create_model("vit_base_patch16_224", num_classes=10, backend="triton")``.
+_FEATURE_CFG_KEYS = ("out_indices", "feature_cls", "output_fmt", "norm", "prune", "flatten_sequential", "no_rewrite")
 
-    ``pretrained=True`` is refused: vitkernels downloads nothing; load weights with ``from_timm``,
-    ``load_pretrained`` or ``load_npz``.
+
+def create_model(model_name: str, pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_overlay=None,
+                 checkpoint_path=None, cache_dir=None, scriptable=None, exportable=None, no_jit=None, **kwargs):
+    """Build ``model_name`` as ``timm.create_model`` does (same arguments, configs, parameter counts and keys),
+    e.g. ``create_model("vit_base_patch16_224.augreg_in21k", num_classes=10, backend="triton")``.
+
+    Args (timm's):
+        model_name: 'name' or 'name.tag' (``list_models(pretrained=True)``); the tag picks the pretrained
+            config, which sets the defaults of num_classes, in_chans and img_size and is attached as
+            ``model.pretrained_cfg`` / ``default_cfg``.
+        pretrained: load the config's weights, from local sources only (``vitkernels.pretrained``): its
+            ``state_dict``, its ``file`` (``pretrained_cfg_overlay=dict(file=path)``) or the Hugging Face cache
+            (``cache_dir``); otherwise ``PretrainedWeightsError`` says what was tried.
+        pretrained_cfg: a tag, a dict of config fields or timm's PretrainedCfg. pretrained_cfg_overlay: fields
+            that replace the config's.
+        checkpoint_path: a checkpoint loaded after construction (timm's ``load_checkpoint``: a state_dict
+            file, 'state_dict' / 'model' wrappers and a DDP 'module.' prefix removed; .npz via load_npz).
+        cache_dir: the Hugging Face cache to look in. scriptable, exportable, no_jit: accepted, no effect
+            (vitkernels has no jit-scripted layers; see VisionTransformer for torch.jit / fx / export).
+        features_only, out_indices (default 3: the last three blocks), feature_cls ('getter'), feature_cfg
+            (a dict with any of output_fmt, norm, prune, out_indices): a ``vitkernels.features.FeatureGetterNet``
+            returning the block outputs, as timm's.
+        pretrained_strict: strict loading of pretrained weights (default True).
+        **kwargs: VisionTransformer arguments (None values are dropped, as timm does), plus vitkernels'
+            ``backend``, ``lean_blocks``, ``fp32_residual``, ``norm_eps``.
     """
-    if overrides.pop("pretrained", False):
-        raise ValueError("vitkernels downloads no weights: build the model, then use vitkernels.from_timm, "
-                         "vitkernels.load_pretrained(model, state_dict) or vitkernels.load_npz(model, path)")
-    return VisionTransformer(**{**model_config(name), **overrides})
+    from vitkernels.features import FeatureGetterNet
+    from vitkernels.pretrained import load_pretrained_weights, pretrained_cfg_for_features, resolve_pretrained_cfg
+
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    arch, tag = _arch(model_name)
+    if tag and not pretrained_cfg:
+        pretrained_cfg = tag
+    cfg = resolve_pretrained_cfg(arch, pretrained_cfg, pretrained_cfg_overlay)
+    if kwargs.pop("use_naflex", False):
+        raise ValueError("use_naflex=True (timm's NaFlexVit) is not supported: vitkernels builds VisionTransformer")
+    if kwargs.pop("pruned", False):
+        raise ValueError("pruned=True (timm's pruned-model definitions) is not supported")
+    kwargs.pop("pretrained_model_args", None)
+    strict = kwargs.pop("pretrained_strict", True)
+    feature_cfg = dict(kwargs.pop("feature_cfg", None) or {})
+    unknown = sorted(set(feature_cfg) - set(_FEATURE_CFG_KEYS))
+    if unknown:
+        raise ValueError(f"unknown feature_cfg keys {unknown}; known: {', '.join(_FEATURE_CFG_KEYS)}")
+    features = kwargs.pop("features_only", False)
+    feature_cfg["out_indices"] = kwargs.pop("out_indices", feature_cfg.get("out_indices", 3))
+    feature_cls = kwargs.pop("feature_cls", feature_cfg.pop("feature_cls", "getter"))
+    user_args = {k: v for k, v in kwargs.items() if k not in ("device", "dtype")}
+
+    family, patch, _, _ = _NAMES[arch]
+    args = {**_FAMILIES[family], "patch_size": patch, **kwargs}
+    # timm's _update_default_model_kwargs: defaults from the pretrained config.
+    if cfg.get("num_classes") is not None and cfg["num_classes"] >= 0:
+        args.setdefault("num_classes", cfg["num_classes"])
+    if cfg.get("input_size") is not None:
+        args.setdefault("in_chans", cfg["input_size"][0])
+        if cfg.get("fixed_input_size", False):
+            args.setdefault("img_size", tuple(cfg["input_size"][-2:]))
+    model = VisionTransformer(**args)
+    model.pretrained_cfg = model.default_cfg = cfg
+    model.pretrained_model_args = {}
+    model._model_args = dict(user_args)
+    # timm's _init_model_traits: the current input size, whether it is fixed, the input conv.
+    model._traits = dict(img_size=model.patch_embed.img_size, first_conv=cfg.get("first_conv"),
+                         fixed_input_size=bool(model.patch_embed.strict_img_size and not model.dynamic_img_size))
+    if pretrained:
+        load_pretrained_weights(model, cfg, num_classes=0 if features else model.num_classes,
+                                in_chans=args.get("in_chans", 3), strict=strict, cache_dir=cache_dir)
+    if checkpoint_path:
+        load_checkpoint(model, checkpoint_path)
+    if features:
+        if str(feature_cls).lower() != "getter" and feature_cls is not FeatureGetterNet:
+            raise ValueError(f"feature_cls={feature_cls!r} is not supported: vitkernels' ViTs extract features "
+                             "with 'getter' (forward_intermediates), timm's default for ViTs")
+        for key in ("flatten_sequential", "no_rewrite"):
+            feature_cfg.pop(key, None)
+        traits = dict(model._traits)
+        model = FeatureGetterNet(model, **feature_cfg)
+        model.in_chans = args["in_chans"]
+        model._traits = traits
+        model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(cfg)
+    return model
+
+
+def load_checkpoint(model, checkpoint_path, strict: bool = True):
+    """timm's ``load_checkpoint``: a state_dict file into ``model`` (wrappers and a 'module.' prefix removed;
+    an .npz through ``model.load_pretrained``). Returns ``load_state_dict``'s result (None for .npz)."""
+    from vitkernels.pretrained import load_state_dict
+
+    if str(checkpoint_path).endswith(".npz"):
+        model.load_pretrained(checkpoint_path)
+        return None
+    return model.load_state_dict(load_state_dict(checkpoint_path), strict=strict)

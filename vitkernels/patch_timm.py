@@ -21,26 +21,35 @@ which call ``vitkernels.ops`` with the timm modules' own parameters:
 With ``lean=False`` the blocks call every submodule instead (ops.layer_norm for norm1 / norm2, ops.linear for
 qkv, fc1 + GELU, fc2), saving what timm saves for the backward; see vitkernels/nn/block.py.
 
-Attention dropout during training uses PyTorch's SDPA (no fused kernel implements it). A block called with
-``attn_mask`` / ``is_causal`` (timm's masked forward) runs timm's own block code. Configurations that
+Attention dropout during training, and timm's masked forward (``attn_mask`` / ``is_causal``), use PyTorch's
+SDPA for the attention itself (no fused kernel implements them); the GEMMs stay fused. Configurations that
 ``vitkernels.from_timm`` rejects (register tokens, attention pooling, RMSNorm, tanh-GELU, ...) are rejected
 here with the same errors.
+
+Nothing the timm model could do is lost: ``forward_intermediates`` (and timm's ``get_intermediate_layers``,
+``FeatureGetterNet``) run the fused embedding and blocks, the same code path as ``forward_features``;
+torch.compile, torch.export and torch.fx symbolic tracing capture the fused ops (each a leaf call for fx);
+``torch.jit.script``, which cannot compile Python-dispatched ops, compiles timm's own code on the same
+parameters (a patched module's ``__prepare_scriptable__`` hands TorchScript an unpatched shallow copy).
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import types
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
 from vitkernels import ops
 from vitkernels.backends import OPS, BackendError, check_name, resolve
 from vitkernels.convert import timm_vit_config
+from vitkernels.features import forward_intermediates, trunk
 from vitkernels.nn.attention import attention_forward
 from vitkernels.nn.block import block_forward
 from vitkernels.nn.mlp import mlp_forward
+from vitkernels.nn.vision_transformer import embed_tokens
 
 __all__ = ["patch_timm", "unpatch_timm", "is_patched"]
 
@@ -61,14 +70,17 @@ def _layer_norm_forward(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 
 
 def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_exporting():
+        # The head's input is the pooled class token x[:, 0] (not contiguous) after timm's head_drop. torch 2.11's
+        # export traces eval-mode dropout as a copy (contiguous) but runs it as an alias, so a backend's
+        # contiguity step traced as a no-op would be missing at run time: copy the (B, C) input explicitly.
+        x = x.clone(memory_format=torch.contiguous_format)
     return ops.linear(x, self.weight, self.bias, backend=getattr(self, _BACKEND))
 
 
 def _attention_forward(self: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None,
                        attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-    if attn_mask is not None or is_causal:  # masked attention: timm's own code
-        return type(self).forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
-    return attention_forward(self, x, residual, getattr(self, _BACKEND))
+    return attention_forward(self, x, residual, getattr(self, _BACKEND), attn_mask, is_causal)
 
 
 def _mlp_forward(self: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,52 +89,46 @@ def _mlp_forward(self: nn.Module, x: torch.Tensor, residual: torch.Tensor | None
 
 def _block_forward(self: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                    is_causal: bool = False) -> torch.Tensor:
-    if attn_mask is not None or is_causal:  # masked attention: timm's own code (its norms stay patched)
-        return type(self).forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
-    return block_forward(self, x, getattr(self, _BACKEND), getattr(self, _LEAN, True))
+    return block_forward(self, x, getattr(self, _BACKEND), getattr(self, _LEAN, True), attn_mask, is_causal)
 
 
 def _embed(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """images (B, C, H, W) -> tokens (B, prefix + N, D): patchify, project, class token, position, one op."""
-    pe = self.patch_embed
-    proj = pe.proj
-    if x.dim() != 4:
-        raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}")
-    C, H, W = x.shape[1:]
-    P = proj.kernel_size[0]
-    if C != proj.in_channels:
-        raise ValueError(f"expected {proj.in_channels} input channels, got {C}")
-    if pe.strict_img_size and (H, W) != tuple(pe.img_size):
-        raise ValueError(f"input image size {H}x{W} does not match the model's {pe.img_size[0]}x{pe.img_size[1]}")
-    if H % P or W % P:
-        raise ValueError(f"input image size {H}x{W} is not divisible by the patch size {P}")
-    pos_embed = self.pos_embed
-    if self.dynamic_img_size:
-        from timm.layers import resample_abs_pos_embed
-
-        pos_embed = resample_abs_pos_embed(
-            pos_embed, new_size=(H // P, W // P), old_size=pe.grid_size,
-            num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
-        )
-    x = ops.patch_embed(x, proj.weight, proj.bias, pos_embed=pos_embed, cls_token=self.cls_token,
-                        backend=getattr(self, _BACKEND))
-    return self.pos_drop(x)
+    return embed_tokens(self, x, getattr(self, _BACKEND))
 
 
 def _forward_features(self: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                       is_causal: bool = False) -> torch.Tensor:
-    x = _embed(self, x)
-    x = self.patch_drop(x)
-    x = self.norm_pre(x)
-    if attn_mask is not None or is_causal:
-        for blk in self.blocks:
-            x = blk(x, attn_mask=attn_mask, is_causal=is_causal)
-    elif self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-        for blk in self.blocks:
-            x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
-    else:
-        x = self.blocks(x)
+    x, _ = trunk(self, x, functools.partial(_embed, self), attn_mask=attn_mask, is_causal=is_causal)
     return self.norm(x)
+
+
+def _forward_intermediates(self: nn.Module, x: torch.Tensor, indices=None, return_prefix_tokens: bool = False,
+                           norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                           intermediates_only: bool = False, output_dict: bool = False,
+                           attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+    """timm's forward_intermediates through the fused embedding and blocks: the same code path as the
+    patched forward_features (vitkernels/features.py), so the two agree bit for bit."""
+    return forward_intermediates(self, x, functools.partial(_embed, self), indices, return_prefix_tokens, norm,
+                                 stop_early, output_fmt, intermediates_only, output_dict, attn_mask, is_causal)
+
+
+def _unpatched_copy(module: nn.Module) -> nn.Module:
+    """A shallow copy of the module tree without vitkernels' bound methods: the same Parameter and buffer
+    objects, timm's own forwards. What torch.jit.script compiles for a patched model."""
+    copy_ = copy.copy(module)
+    for name in copy_.__dict__.pop(_PATCHED, ()):
+        copy_.__dict__.pop(name, None)
+    for name in (_BACKEND, _LEAN):
+        copy_.__dict__.pop(name, None)
+    copy_._modules = {k: None if m is None else _unpatched_copy(m) for k, m in module._modules.items()}
+    return copy_
+
+
+def _prepare_scriptable(self: nn.Module) -> nn.Module:
+    """torch.jit.script calls this first: TorchScript cannot compile vitkernels' Python ops, so scripting a
+    patched model compiles timm's own code on the same parameters (the model itself stays patched)."""
+    return _unpatched_copy(self)
 
 
 # -- public API -----------------------------------------------------------------------------------------------
@@ -158,6 +164,8 @@ def patch_timm(model: nn.Module, backend: str = "auto", lean: bool = True) -> nn
     if isinstance(model.head, nn.Linear):
         _bind(model.head, "forward", _linear_forward, backend)
     _bind(model, "forward_features", _forward_features, backend)
+    _bind(model, "forward_intermediates", _forward_intermediates, backend)
+    _bind(model, "__prepare_scriptable__", _prepare_scriptable, backend)
     # Probe the backends now, outside any torch.compile trace (probing imports modules, which dynamo cannot
     # trace). A backend that cannot run here raises at the first forward, with its reason.
     device = model.pos_embed.device

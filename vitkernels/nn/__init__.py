@@ -3,10 +3,11 @@
 from vitkernels.nn.attention import Attention
 from vitkernels.nn.block import Block, DropPath, LayerScale
 from vitkernels.nn.mlp import Mlp
-from vitkernels.nn.norm import LayerNorm
+from vitkernels.nn.norm import LayerNorm, RmsNorm
+from vitkernels.nn.patch_dropout import PatchDropout
 from vitkernels.nn.patch_embed import PatchEmbed
 from vitkernels.nn.pos_embed import resample_pos_embed
 from vitkernels.nn.vision_transformer import ViT, VisionTransformer, load_pretrained
 
-__all__ = ["Attention", "Block", "DropPath", "LayerScale", "LayerNorm", "Mlp", "PatchEmbed", "ViT",
-           "VisionTransformer", "load_pretrained", "resample_pos_embed"]
+__all__ = ["Attention", "Block", "DropPath", "LayerScale", "LayerNorm", "Mlp", "PatchDropout", "PatchEmbed", "RmsNorm",
+           "ViT", "VisionTransformer", "load_pretrained", "resample_pos_embed"]

@@ -26,6 +26,8 @@ computes in the autocast dtype). The saved x and x1 are then fp32, as in timm.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -33,14 +35,20 @@ from vitkernels import ops
 from vitkernels.nn.attention import Attention, attention_from_qkv
 from vitkernels.nn.mlp import Mlp
 from vitkernels.nn.norm import LayerNorm
+from vitkernels.nn.patch_embed import is_fx_tracing
 
 
 class LayerScale(nn.Module):
     """x * gamma, gamma (C,) initialised to ``init_values`` (CaiT); timm's key is ``gamma``."""
 
-    def __init__(self, dim: int, init_values: float = 1e-5):
+    def __init__(self, dim: int, init_values: float = 1e-5, device=None, dtype=None):
         super().__init__()
-        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+        self.init_values = init_values
+        self.gamma = nn.Parameter(torch.empty(dim, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.gamma, self.init_values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gamma
@@ -57,7 +65,9 @@ class DropPath(nn.Module):
         if self.drop_prob == 0.0 or not self.training:
             return x
         keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        # One draw per sample: a (B, 1, ..., 1) mask; under torch.fx x.dim() is unknown: tokens (B, N, C).
+        shape = (x.shape[0], 1, 1) if is_fx_tracing() else (x.shape[0],) + (1,) * (x.dim() - 1)
+        mask = x.new_empty(shape).bernoulli_(keep)
         return x * mask / keep
 
     def extra_repr(self) -> str:
@@ -70,23 +80,28 @@ class Block(nn.Module):
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, qk_norm=False, proj_bias=True,
                  proj_drop=0.0, attn_drop=0.0, init_values=None, drop_path=0.0, norm_eps=1e-6,
-                 backend: str = "auto", lean: bool = True, fp32_residual: bool = False):
+                 backend: str = "auto", lean: bool = True, fp32_residual: bool = False, norm_layer=None,
+                 device=None, dtype=None):
         super().__init__()
-        self.norm1 = LayerNorm(dim, eps=norm_eps, backend=backend)
+        dd = dict(device=device, dtype=dtype)
+        norm_layer = norm_layer or functools.partial(LayerNorm, eps=norm_eps, backend=backend)
+        self.norm1 = norm_layer(dim, **dd)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, proj_bias=proj_bias,
-                              attn_drop=attn_drop, proj_drop=proj_drop, norm_eps=norm_eps, backend=backend)
-        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+                              attn_drop=attn_drop, proj_drop=proj_drop, norm_eps=norm_eps, backend=backend,
+                              norm_layer=norm_layer, **dd)
+        self.ls1 = LayerScale(dim, init_values, **dd) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = LayerNorm(dim, eps=norm_eps, backend=backend)
-        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), bias=proj_bias, drop=proj_drop, backend=backend)
-        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), bias=proj_bias, drop=proj_drop, backend=backend,
+                       **dd)
+        self.ls2 = LayerScale(dim, init_values, **dd) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.backend = backend
         self.lean = lean
         self.fp32_residual = fp32_residual
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return block_forward(self, x, self.backend, self.lean)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        return block_forward(self, x, self.backend, self.lean, attn_mask, is_causal)
 
 
 def _layer_scale(ls: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -120,12 +135,15 @@ def _ln_mlp(blk: nn.Module, x: torch.Tensor, backend: str, add_input: bool) -> t
                       add_input=add_input, backend=backend)
 
 
-def block_forward(blk: nn.Module, x: torch.Tensor, backend: str, lean: bool = True) -> torch.Tensor:
+def block_forward(blk: nn.Module, x: torch.Tensor, backend: str, lean: bool = True,
+                  attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
     """x (B, N, C) -> (B, N, C) for any module with timm's Block attribute names (``norm1``, ``attn``, ``ls1``,
     ``drop_path1``, ``norm2``, ``mlp``, ``ls2``, ``drop_path2``): this Block, and timm's own under
     ``vitkernels.patch_timm``, whose ``attn`` and ``mlp`` take ``residual=``. ``lean``: the memory-lean path
     where the block allows it (module docstring); otherwise the submodules are called, so hooks on them fire.
-    The residual adds are fused where the math allows."""
+    The residual adds are fused where the math allows. ``attn_mask`` / ``is_causal``: timm's masked attention
+    (PyTorch's SDPA with the mask; the GEMMs stay fused). No Python control flow on tensor shapes or values:
+    torch.fx traces it (the ops are leaf calls)."""
     plain = (isinstance(blk.ls1, nn.Identity) and isinstance(blk.ls2, nn.Identity)
              and (not blk.training or (isinstance(blk.drop_path1, nn.Identity)
                                        and isinstance(blk.drop_path2, nn.Identity))))
@@ -139,12 +157,16 @@ def block_forward(blk: nn.Module, x: torch.Tensor, backend: str, lean: bool = Tr
     if lean_attn:
         n1, qkv = blk.norm1, blk.attn.qkv
         qkv = ops.ln_linear(x, n1.weight, n1.bias, qkv.weight, qkv.bias, eps=n1.eps, backend=backend)  # (B, N, 3C)
+    masked = attn_mask is not None or is_causal
+    kw = dict(attn_mask=attn_mask, is_causal=is_causal) if masked else {}  # timm's Attention takes them too
     if plain and not fp32_stream:  # the residual add in proj's epilogue
-        x = attention_from_qkv(blk.attn, qkv, x, backend) if lean_attn else blk.attn(blk.norm1(x), residual=x)
+        x = attention_from_qkv(blk.attn, qkv, x, backend, attn_mask, is_causal) if lean_attn \
+            else blk.attn(blk.norm1(x), residual=x, **kw)
     else:
-        a = attention_from_qkv(blk.attn, qkv, None, backend) if lean_attn else blk.attn(blk.norm1(x))
+        a = attention_from_qkv(blk.attn, qkv, None, backend, attn_mask, is_causal) if lean_attn \
+            else blk.attn(blk.norm1(x), **kw)
         branch = blk.drop_path1(_layer_scale(blk.ls1, a))
-        if lean_mlp or fp32_stream:
+        if lean_mlp or fp32_stream or not _is_layer_norm(blk.norm2):
             x = x + branch
         else:  # x <- x + branch fused into norm2
             n2 = blk.norm2

@@ -15,15 +15,15 @@ class Mlp(nn.Module):
     """x (B, N, C) -> fc2(GELU(fc1(x))) [+ residual], hidden width ``hidden_features``."""
 
     def __init__(self, in_features, hidden_features=None, out_features=None, bias=True, drop=0.0,
-                 backend: str = "auto"):
+                 backend: str = "auto", device=None, dtype=None):
         super().__init__()
         hidden_features = hidden_features or in_features
         out_features = out_features or in_features
-        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias, device=device, dtype=dtype)
         self.act = nn.GELU()  # kept for timm's module tree; the fused epilogue computes it
         self.drop1 = nn.Dropout(drop)
         self.norm = nn.Identity()
-        self.fc2 = nn.Linear(hidden_features, out_features, bias=bias)
+        self.fc2 = nn.Linear(hidden_features, out_features, bias=bias, device=device, dtype=dtype)
         self.drop2 = nn.Dropout(drop)
         self.backend = backend
 

@@ -21,3 +21,12 @@ from vitkernels.ops.ln_mlp import ln_mlp
 from vitkernels.ops.patch_embed import patch_embed
 
 __all__ = list(OPS)
+
+# torch.fx symbolic tracing (torch.fx.symbolic_trace, timm's / torchvision's create_feature_extractor) records
+# each op as one call_function node instead of tracing into its validation and dispatch, which read shapes
+# and devices that a Proxy does not have. Modules call the ops as ``ops.<name>``, through these globals.
+import torch.fx  # noqa: E402
+
+for _name in OPS:
+    torch.fx.wrap(_name)
+del _name
