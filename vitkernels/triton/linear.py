@@ -303,7 +303,7 @@ def _linear_bwd_dz_kernel(
 def _gpu_configs():
     # 16-bit: Hopper/Ampere-sized tensor-core tiles (Triton matmul tutorial), BLOCK_S >= 32. fp32: tl.dot with
     # input_precision="ieee" runs on the FMA units, where every thread holds its rows of a and columns of b
-    # for the whole BLOCK_S: those tiles have a short reduction block (BLOCK_S = 8) to stay in registers.
+    # for the whole BLOCK_S: those tiles have the shortest reduction block tl.dot takes (BLOCK_S = 16).
     # _prune_configs keeps one family or the other by the operands' dtype.
     shapes = [  # (BLOCK_P, BLOCK_Q, BLOCK_S, num_stages, num_warps)
         (128, 256, 64, 3, 8),
@@ -314,12 +314,10 @@ def _gpu_configs():
         (128, 64, 32, 4, 4),
         (64, 128, 64, 4, 4),
         (64, 64, 32, 4, 2),
-        # fp32 (FMA)
-        (64, 64, 8, 3, 2),
-        (128, 64, 8, 3, 8),
-        (64, 128, 8, 3, 8),
-        (32, 64, 8, 3, 4),
-        (32, 32, 8, 3, 2),
+        # fp32 (FMA): the tiles that compile spill-free for sm_80 and sm_90a with Triton 3.6 and 3.8
+        (64, 128, 16, 3, 8),
+        (64, 64, 16, 2, 4),
+        (32, 64, 16, 3, 4),
     ]
     return [
         triton.Config({"BLOCK_P": p, "BLOCK_Q": q, "BLOCK_S": s, "GROUP_P": 8}, num_stages=st, num_warps=w)
@@ -343,8 +341,9 @@ def _smem_limit(device) -> int:
 def _prune_configs(configs, named_args, **kwargs):
     """The tiles that compile within the target's limits, without spills, for this launch's dtype, target,
     prologues and epilogue. The rules come from compiling every config for sm_90a and sm_80 (ptxas -v,
-    ``python -m vitkernels audit``) at ViT-B/16 and ViT-L/16 shapes, with the subtiled epilogue:
-      - dtype: 16-bit operands take the tensor-core tiles, fp32 the FMA tiles (BLOCK_S = 8, _gpu_configs);
+    ``python -m vitkernels audit``, Triton 3.6 and 3.8) at ViT-B/16, ViT-L/16 and ViT-H/14 shapes, with the
+    subtiled epilogue:
+      - dtype: 16-bit operands take the tensor-core tiles, fp32 the FMA tiles (BLOCK_S = 16, _gpu_configs);
       - shared memory: num_stages x (BLOCK_P + BLOCK_Q) x BLOCK_S x element size within the per-block limit
         (Triton's pipelining allocates exactly this for these kernels);
       - GELU'(z) or column sums in the epilogue (DGELU, COLSUM): at most 2,048 accumulator elements per warp
@@ -353,8 +352,8 @@ def _prune_configs(configs, named_args, **kwargs):
       - GELU + saving z with 256-row tiles: spills 8 B.
     sm_80 (mma.sync: operand fragments live in registers next to the accumulator, where wgmma reads them
     from shared memory) adds:
-      - any prologue or an epilogue beyond bias / residual: at most 64 accumulator elements per thread
-        (128 spill 8-916 B);
+      - at most 64 accumulator elements per thread (128 spill 8-916 B with a prologue or an epilogue beyond
+        the bias, and 40 B even with a bias alone under Triton 3.6);
       - a GELU prologue on a: BLOCK_S = 32 (64 spills 612-8,544 B);
       - no 64 x 128 x 64 4-warp tile (spills 12 B in the dx GEMMs; 128 x 64 x 32 takes its place).
     fp32 (FMA), both targets: <= 32 accumulator elements per thread with a prologue or a GELU / DGELU
@@ -373,7 +372,8 @@ def _prune_configs(configs, named_args, **kwargs):
     limit = _smem_limit(a.device) if isinstance(a, torch.Tensor) and a.is_cuda else 227 * 1024
     sm80 = capability(a) < 90
     prologue = bool(kwargs.get("A_PRO") or kwargs.get("B_PRO"))
-    busy_epilogue = bool(kwargs.get("GELU") or kwargs.get("SAVE_Z") or kwargs.get("DGELU") or kwargs.get("COLSUM"))
+    busy_epilogue = bool(kwargs.get("GELU") or kwargs.get("SAVE_Z") or kwargs.get("DGELU") or kwargs.get("COLSUM")
+                         or kwargs.get("HAS_RES"))
     keep = []
     for c in configs:
         bp, bq, bs, warps = c.kwargs["BLOCK_P"], c.kwargs["BLOCK_Q"], c.kwargs["BLOCK_S"], c.num_warps
@@ -395,7 +395,7 @@ def _prune_configs(configs, named_args, **kwargs):
         if kwargs.get("GELU") and kwargs.get("SAVE_Z") and bp >= 256:
             continue
         if sm80:
-            if (prologue or busy_epilogue) and per_thread > 64:
+            if per_thread > 64:
                 continue
             if kwargs.get("A_PRO") == PRO_GELU and bs > 32:
                 continue

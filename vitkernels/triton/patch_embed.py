@@ -271,20 +271,27 @@ _GEMM_TILES = [
 ]
 # - 16-bit with a patch size that is not a power of two (14: DINOv2, ViT-H/14): a patch row is 14 pixels, so
 #   the image loads cannot be vectorised and each element carries its own 64-bit address; every tile above
-#   spills there (130-4,852 B per thread), these shorter-pipelined ones do not;
+#   spills there (130-4,852 B per thread). These compile spill-free with Triton 3.6 and 3.8 for sm_80 and
+#   sm_90a; the weight gradient (the gathered operand is its reduction side) keeps _GATHER_DW_TILES;
 _GATHER_TILES = [
     (128, 128, 32, 8, 3),
-    (128, 64, 32, 4, 2),
+    (64, 128, 32, 4, 3),
+    (128, 64, 32, 8, 3),
     (64, 64, 32, 4, 3),
-    (128, 128, 64, 8, 2),
+    (128, 128, 16, 8, 3),
+    (128, 64, 16, 4, 3),
+    (64, 64, 16, 4, 3),
 ]
+_GATHER_DW_TILES = {(128, 64, 32, 8, 3), (128, 128, 16, 8, 3), (128, 64, 16, 4, 3), (64, 64, 16, 4, 3)}
 # - fp32: its dots ("ieee") run on the FMA units, where each thread holds its rows and columns of the operands
-#   for the whole reduction block, so that block is short (8).
+#   for the whole reduction block, so that block is the shortest tl.dot takes (16); the weight gradient keeps
+#   _FMA_DW_TILES (its larger tiles spill 4-1,928 B).
 _FMA_TILES = [
-    (128, 64, 8, 8, 3),
-    (64, 128, 8, 8, 3),
-    (32, 64, 8, 4, 3),
+    (128, 64, 16, 8, 3),
+    (64, 128, 16, 8, 3),
+    (32, 64, 16, 4, 3),
 ]
+_FMA_DW_TILES = {(32, 64, 16, 4, 3)}
 _TILES = _GEMM_TILES + _GATHER_TILES + _FMA_TILES
 _FAMILY = {**{t: "gemm" for t in _GEMM_TILES}, **{t: "gather" for t in _GATHER_TILES},
            **{t: "fma" for t in _FMA_TILES}}
@@ -292,10 +299,9 @@ _FAMILY = {**{t: "gemm" for t in _GEMM_TILES}, **{t: "gather" for t in _GATHER_T
 
 def _prune(names: tuple[str, str, str], weight_gradient: bool = False):
     """The autotuner's ``early_config_prune`` for one kernel (``names``: its blocks, reduction last): the tile
-    family of this launch, and what compiling every config for sm_90a and sm_80 (``python -m vitkernels
-    audit``, ViT-B/16, ViT-L/16, ViT-H/14) showed to spill in the weight gradient: on sm_80 the 128 x 256
-    tile (28 B per thread); with gathered loads, the 64-long reduction block (188-308 B), and on sm_80 all
-    but the 64 x 64 tile (76-7,820 B)."""
+    family of this launch, and what compiling every config for sm_90a and sm_80 with Triton 3.6 and 3.8
+    (``python -m vitkernels audit``, ViT-B/16, ViT-L/16, ViT-H/14) showed to spill: on sm_80 the 128 x 256
+    tile (28-52 B per thread); with gathered loads, the weight gradient's other tiles (8-7,820 B)."""
     def prune(configs, named_args, **kwargs):
         p = kwargs.get("P", 16)
         family = ("fma" if kwargs.get("DOT_PRECISION") == "ieee" else
@@ -306,9 +312,11 @@ def _prune(names: tuple[str, str, str], weight_gradient: bool = False):
             tile = (*(c.kwargs[n] for n in names), c.num_warps, c.num_stages)
             if _FAMILY.get(tile) != family:
                 continue
-            if weight_gradient and family == "gemm" and sm80 and tile[0] * tile[1] >= 128 * 256:
+            if family == "gemm" and sm80 and tile[0] * tile[1] >= 128 * 256:
                 continue
-            if weight_gradient and family == "gather" and (tile[2] > 32 or (sm80 and tile[0] * tile[1] > 64 * 64)):
+            if family == "gather" and weight_gradient and tile not in _GATHER_DW_TILES:
+                continue
+            if family == "fma" and weight_gradient and tile not in _FMA_DW_TILES:
                 continue
             keep.append(c)
         return keep or configs  # (the interpreter's one config)
