@@ -9,14 +9,21 @@ writer, and then vitkernels' ``load_npz`` must give timm's logits.
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import vitkernels
 from optional import need, requires
+from oracle import DEVICE, FUSED, assert_budget, backend_params
 from vitkernels import VisionTransformer
+from vitkernels.backends import OPS, get_impl
 from vitkernels.convert import UnsupportedModelError
+from vitkernels.nn.norm import RmsNorm
 
 timm_vit = need("timm.models.vision_transformer")  # this module checks us against timm
 TimmViT = timm_vit.VisionTransformer
@@ -46,7 +53,24 @@ TIMM_CONFIGS = {
     "odd_no_final_norm": dict(img_size=(24, 40), patch_size=8, embed_dim=48, depth=1, num_heads=3, mlp_ratio=2.5,
                               num_classes=7, final_norm=False),
     "headless_1ch_pool_none": dict(TINY, in_chans=1, num_classes=0, global_pool=""),
+    # what VisionTransformer builds beyond the original ViT (issue #16): other norms, pools, no position
+    "rmsnorm_qknorm_max_patch_drop": dict(TINY, norm_layer="rmsnorm", qk_norm=True, global_pool="max",
+                                          patch_drop_rate=0.3),
+    "ln_no_affine_pre_norm_no_pos": dict(TINY, norm_layer=functools.partial(nn.LayerNorm, elementwise_affine=False),
+                                         pre_norm=True, pos_embed="none"),
+    "ln_no_bias_eps1e-5_avgmax_prefix": dict(TINY, norm_layer=functools.partial(nn.LayerNorm, eps=1e-5, bias=False),
+                                             global_pool="avgmax", pool_include_prefix=True),
+    "nn_rmsnorm_avg_prefix_no_fc_norm": dict(TINY, norm_layer=nn.RMSNorm, global_pool="avg", pool_include_prefix=True,
+                                             fc_norm=False),
 }
+
+
+def _norms(model: nn.Module) -> dict[str, tuple]:
+    """Every norm layer by name: (vitkernels / timm kind, eps, has weight, has bias)."""
+    from vitkernels.nn.norm import _kind
+
+    return {n: (_kind(m), m.eps, m.weight is not None, getattr(m, "bias", None) is not None)
+            for n, m in model.named_modules() if _kind(m) is not None}
 
 
 @pytest.mark.parametrize("name", list(TIMM_CONFIGS))
@@ -60,6 +84,7 @@ def test_from_timm_logits(name):
     with torch.no_grad():
         assert _rel_err(model(x), src(x)) <= 1e-5
         assert _rel_err(model.forward_features(x), src.forward_features(x)) <= 1e-5
+    assert _norms(model) == _norms(src)  # same kind, eps, weight and bias at every name
     # copies, not shared tensors: the source can be changed or freed independently
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip(model.parameters(), src.parameters()))
 
@@ -88,19 +113,94 @@ def test_from_timm_float64():
         assert _rel_err(model(x), src(x)) <= 1e-12
 
 
+def test_from_timm_training_matches_timm_seeded():
+    # patch dropout, stochastic depth and every dropout keep timm's rates and draw their masks in timm's order;
+    # no position dropout without a position embedding (as timm); dynamic_img_pad pads odd sizes as timm
+    kw = dict(TINY, norm_layer="rmsnorm", patch_drop_rate=0.4, drop_path_rate=0.3, init_values=0.1, drop_rate=0.1,
+              pos_drop_rate=0.2, proj_drop_rate=0.1, attn_drop_rate=0.1, pos_embed="none", global_pool="avgmax",
+              dynamic_img_size=True, dynamic_img_pad=True)
+    src = _perturb(TimmViT(**kw)).train()
+    src.patch_drop.ordered = True  # a setting timm's constructor does not expose: copied from the module
+    model = vitkernels.from_timm(src, backend="torch")
+    assert model.training and model.patch_drop.prob == 0.4 and model.patch_drop.ordered
+    assert all(isinstance(m, RmsNorm) for n, m in model.named_modules() if n.endswith(("norm1", "norm2", "fc_norm")))
+    x = torch.randn(3, 3, 37, 29)  # padded to 40 x 32
+    outs, grads = [], []
+    for m in (model, src):
+        m.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        out = m(x)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    torch.testing.assert_close(outs[0], outs[1])
+    assert list(grads[0]) == list(grads[1])
+    for n, g in grads[1].items():
+        torch.testing.assert_close(grads[0][n], g, msg=lambda m, n=n: f"grad {n}: {m}")
+    model.eval(), src.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), src(x))
+
+
+def test_from_timm_per_module_eps_rmsnorm():
+    src = _perturb(TimmViT(**dict(TINY, norm_layer="rmsnorm", qk_norm=True)))
+    names = list(_norms(src))
+    assert len(names) == 2 * 4 + 1  # per block norm1, q_norm, k_norm, norm2; the final norm
+    for i, n in enumerate(names):
+        src.get_submodule(n).eps = 0.05 * (i + 1)  # eps large enough to matter, a different one per module
+    model = vitkernels.from_timm(src, backend="torch")
+    assert _norms(model) == _norms(src)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), src(x))
+
+
+MICRO = dict(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3)
+FUSED_CONFIGS = {
+    "rmsnorm_qknorm_max": dict(MICRO, norm_layer="rmsnorm", qk_norm=True, global_pool="max"),
+    "ln_no_affine_no_pos_avgmax_pad": dict(MICRO, norm_layer=functools.partial(nn.LayerNorm, elementwise_affine=False),
+                                           pos_embed="none", global_pool="avgmax", pool_include_prefix=True,
+                                           dynamic_img_size=True, dynamic_img_pad=True),
+}
+
+
+@pytest.mark.parametrize("name", list(FUSED_CONFIGS))
+@pytest.mark.parametrize("backend", backend_params(*FUSED))
+def test_from_timm_fused_backend_within_budget(backend, name):
+    """The converted model on a kernel backend: logits within the fp32 budget of a float64 timm oracle."""
+    lacking = [op for op in OPS if get_impl(backend).get_op(op) is None]
+    if lacking:
+        pytest.skip(f"{backend} backend has no {', '.join(lacking)} op yet")
+    kw = FUSED_CONFIGS[name]
+    src = _perturb(TimmViT(**kw)).to(DEVICE)
+    oracle = copy.deepcopy(src).double()
+    model = vitkernels.from_timm(src, backend=backend)
+    x = torch.randn(2, 3, 13, 19, device=DEVICE) if kw.get("dynamic_img_pad") else torch.randn(2, 3, 16, 16,
+                                                                                               device=DEVICE)
+    with torch.no_grad():
+        assert_budget("logits", model(x), src(x), oracle(x.double()))
+
+
 @pytest.mark.parametrize("kw, feature", [
     (dict(reg_tokens=2), "register tokens"),
     (dict(global_pool="map"), "attention pooling"),
-    (dict(global_pool="max"), "global_pool='max'"),
-    (dict(norm_layer="rmsnorm"), "RmsNorm"),
     (dict(act_layer="gelu_tanh"), "exact-erf GELU"),
     (dict(scale_mlp_norm=True), "scale_mlp_norm"),
-    (dict(pos_embed="none"), "position embeddings"),
-    (dict(patch_drop_rate=0.1), "patch dropout"),
+    (dict(norm_layer="batchnorm"), r"normalization layer torch.nn.modules.batchnorm.BatchNorm2d at blocks.0.norm1"),
 ])
 def test_from_timm_rejects_unsupported(kw, feature):
     src = TimmViT(**dict(TINY, **kw))
     with pytest.raises(UnsupportedModelError, match=feature):
+        vitkernels.from_timm(src)
+
+
+def test_from_timm_rejects_mixed_norms():
+    from timm.layers import RmsNorm as TimmRmsNorm
+
+    src = TimmViT(**TINY)
+    src.norm = TimmRmsNorm(TINY["embed_dim"])  # one norm_layer builds every norm: this model has two kinds
+    with pytest.raises(UnsupportedModelError, match=r"normalization layers of different kinds \(blocks.0.norm1 is "
+                                                    r"LayerNorm, norm is RmsNorm\)"):
         vitkernels.from_timm(src)
 
 

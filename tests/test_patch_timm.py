@@ -8,9 +8,11 @@ exist and can run on this machine.
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
+from torch import nn
 
 import vitkernels
 from vitkernels.backends import OPS
@@ -34,6 +36,15 @@ CONFIGS = {
     "no_cls_headless": dict(TINY, class_token=False, global_pool="avg", num_classes=0),
     "odd_grid_no_final_norm": dict(img_size=(24, 40), patch_size=8, embed_dim=48, depth=1, num_heads=3,
                                    mlp_ratio=2.5, num_classes=7, final_norm=False),
+    # beyond the original ViT (issue #16): RmsNorm, LayerNorm without weight / bias, patch dropout, max / avgmax
+    # pooling, pooling over the class token, no position embedding, dynamic_img_pad
+    "rmsnorm_qknorm_max_patch_drop": dict(TINY, norm_layer="rmsnorm", qk_norm=True, global_pool="max",
+                                          patch_drop_rate=0.3, drop_path_rate=0.2),
+    "ln_no_affine_pre_norm_no_pos": dict(TINY, norm_layer=functools.partial(nn.LayerNorm, elementwise_affine=False),
+                                         pre_norm=True, pos_embed="none", pos_drop_rate=0.2),
+    "ln_no_bias_avgmax_prefix_pad": dict(TINY, norm_layer=functools.partial(nn.LayerNorm, eps=1e-5, bias=False),
+                                         global_pool="avgmax", pool_include_prefix=True, dynamic_img_size=True,
+                                         dynamic_img_pad=True),
 }
 
 
@@ -51,11 +62,15 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _images(kw, batch=2, dtype=torch.float32):
     size = kw["img_size"] if isinstance(kw["img_size"], tuple) else (kw["img_size"],) * 2
+    if kw.get("dynamic_img_pad"):  # a size that is not a multiple of the patch: padded as timm pads it
+        size = (size[0] + 5, size[1] - 3)
     return torch.randn(batch, kw.get("in_chans", 3), *size, dtype=dtype)
 
 
-def _loss_and_grads(model, x):
+def _loss_and_grads(model, x, seed=None):
     model.zero_grad(set_to_none=True)
+    if seed is not None:  # dropout masks (patch dropout, stochastic depth) drawn in timm's order
+        torch.manual_seed(seed)
     out = model(x)
     out.square().sum().backward()
     return out.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
@@ -75,8 +90,8 @@ def test_patched_logits_and_grads_match_timm(name):
     x = _images(kw)
     for mode in ("eval", "train"):
         model.train(mode == "train"), ref.train(mode == "train")
-        out, grads = _loss_and_grads(model, x)
-        ref_out, ref_grads = _loss_and_grads(ref, x)
+        out, grads = _loss_and_grads(model, x, seed=0)
+        ref_out, ref_grads = _loss_and_grads(ref, x, seed=0)
         assert _rel_err(out, ref_out) <= 1e-5, mode
         for n, g in ref_grads.items():
             assert _rel_err(grads[n], g) <= 1e-4, (mode, n)
@@ -110,6 +125,62 @@ def test_forward_runs_through_vitkernels_ops(monkeypatch, lean):
     with torch.no_grad():
         model(_images(TINY))
     assert calls == {}
+
+
+def _count_ops(monkeypatch) -> dict:
+    calls = {}
+    for op in OPS:
+        fn = getattr(vitkernels.ops, op)
+
+        def counted(*args, _fn=fn, _op=op, **kwargs):
+            calls[_op] = calls.get(_op, 0) + 1
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setattr(vitkernels.ops, op, counted)
+    return calls
+
+
+def test_rmsnorm_patch_dropout_and_pooling_stay_timms(monkeypatch):
+    # RmsNorm, patch dropout and the pooling have no fused op: timm's own modules run, where timm runs them;
+    # blocks with RmsNorm take the per-op path (even with lean=True), their GEMMs and attention fused
+    from timm.layers import PatchDropout, RmsNorm
+
+    kw = dict(TINY, norm_layer="rmsnorm", global_pool="avgmax", pool_include_prefix=True, patch_drop_rate=0.5)
+    model = vitkernels.patch_timm(_timm(**kw), backend="torch", lean=True)
+    ref = copy.deepcopy(model)
+    unpatch_timm(ref)
+    norms = [m for m in model.modules() if isinstance(m, RmsNorm)]
+    assert len(norms) == 2 * TINY["depth"] + 1 and not any(is_patched(m) for m in norms)
+    assert isinstance(model.patch_drop, PatchDropout) and not is_patched(model.patch_drop)
+    assert "forward_head" not in model.__dict__  # timm's pooling, fc_norm and head_drop
+    tokens = []
+    model.patch_drop.register_forward_hook(lambda m, args, out: tokens.append(out.shape[1]))
+    calls = _count_ops(monkeypatch)
+    x = _images(kw)
+    out, grads = _loss_and_grads(model.train(), x, seed=3)
+    depth = TINY["depth"]
+    assert calls == {"patch_embed": 1, "attention_qkv": depth, "linear": 4 * depth + 1}  # no ln_linear / ln_mlp
+    assert tokens == [1 + 8]  # the class token and half of the 16 patches
+    ref_out, ref_grads = _loss_and_grads(ref.train(), x, seed=3)
+    torch.testing.assert_close(out, ref_out)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, msg=lambda m, n=n: f"grad {n}: {m}")
+
+
+def test_layer_norm_without_affine_takes_the_lean_path(monkeypatch):
+    kw = dict(TINY, norm_layer=functools.partial(nn.LayerNorm, elementwise_affine=False), global_pool="max")
+    model = vitkernels.patch_timm(_timm(**kw).eval(), backend="torch")
+    ref = copy.deepcopy(model)
+    unpatch_timm(ref)
+    assert model.blocks[0].norm1.weight is None and model.blocks[0].norm1.bias is None
+    calls = _count_ops(monkeypatch)
+    x = _images(kw)
+    with torch.no_grad():
+        out = model(x)
+        depth = TINY["depth"]
+        assert calls == {"patch_embed": 1, "ln_linear": depth, "attention_qkv": depth, "linear": depth + 1,
+                         "ln_mlp": depth, "layer_norm": 1}  # fc_norm (max pooling) after timm's pool
+        torch.testing.assert_close(out, ref(x))
 
 
 def test_unpatch_restores_timm_and_repatch_changes_backend():
@@ -190,7 +261,8 @@ def test_bad_input_and_unsupported_models():
     with pytest.raises(ValueError, match="unknown backend"):
         vitkernels.patch_timm(_timm(**TINY), backend="tpu")
     for kw, feature in ((dict(reg_tokens=1), "register tokens"), (dict(global_pool="map"), "attention pooling"),
-                        (dict(norm_layer="rmsnorm"), "RmsNorm"), (dict(act_layer="gelu_tanh"), "GELU")):
+                        (dict(norm_layer="batchnorm"), "normalization layer .*BatchNorm2d"),
+                        (dict(act_layer="gelu_tanh"), "GELU")):
         bad = TimmViT(**dict(TINY, **kw))
         with pytest.raises(UnsupportedModelError, match=feature):
             vitkernels.patch_timm(bad)
@@ -218,17 +290,29 @@ def _fused_params():
     return params
 
 
+FUSED_CONFIGS = {
+    "layerscale": dict(TINY, init_values=0.1, depth=1),
+    "rmsnorm_qknorm_max_patch_drop": dict(TINY, depth=1, norm_layer="rmsnorm", qk_norm=True, global_pool="max",
+                                          patch_drop_rate=0.3),
+    "ln_no_affine_no_pos_avgmax_pad": dict(TINY, depth=1, norm_layer=functools.partial(nn.LayerNorm,
+                                                                                       elementwise_affine=False),
+                                           pos_embed="none", global_pool="avgmax", pool_include_prefix=True,
+                                           dynamic_img_size=True, dynamic_img_pad=True),
+}
+
+
+@pytest.mark.parametrize("name", list(FUSED_CONFIGS))
 @pytest.mark.parametrize("backend", _fused_params())
-def test_fused_backend_within_budget(backend):
-    kw = dict(TINY, init_values=0.1, depth=1)
-    model = _timm(**kw).to(DEVICE)
+def test_fused_backend_within_budget(backend, name):
+    kw = FUSED_CONFIGS[name]
+    model = _timm(**kw).to(DEVICE)  # training mode: patch dropout draws the same patches in all three (seeded)
     oracle = copy.deepcopy(model).double()
     lowp = copy.deepcopy(model)
     vitkernels.patch_timm(model, backend=backend)
     x = _images(kw).to(DEVICE)
-    out, grads = _loss_and_grads(model, x)
-    lowp_out, lowp_grads = _loss_and_grads(lowp, x)
-    ref_out, ref_grads = _loss_and_grads(oracle, x.double())
+    out, grads = _loss_and_grads(model, x, seed=0)
+    lowp_out, lowp_grads = _loss_and_grads(lowp, x, seed=0)
+    ref_out, ref_grads = _loss_and_grads(oracle, x.double(), seed=0)
     assert_budget("logits", out, lowp_out, ref_out)
     for n, g in ref_grads.items():
         assert_budget(f"grad {n}", grads[n], lowp_grads[n], g)

@@ -214,7 +214,7 @@ ARGS = {
     "pool_max": dict(global_pool="max"),
     "pool_avgmax_include_prefix": dict(global_pool="avgmax", pool_include_prefix=True),
     "pool_avg_include_prefix_no_fc_norm": dict(global_pool="avg", pool_include_prefix=True, fc_norm=False),
-    "no_pos_embed": dict(pos_embed="none"),
+    "no_pos_embed": dict(pos_embed="none", pos_drop_rate=0.2),  # timm skips pos_drop without a pos_embed
     "dynamic_img_pad": dict(dynamic_img_size=True, dynamic_img_pad=True),
     "patch_drop_drop_path": dict(patch_drop_rate=0.5, drop_path_rate=0.2, init_values=0.1),
     "timm_layer_classes": dict(embed_layer="timm.layers.PatchEmbed", block_fn="timm.models.vision_transformer.Block",

@@ -7,10 +7,12 @@
 
 Each converter reads the source model's configuration from its modules (not from a config name), builds the
 matching vitkernels model on the source's device and dtype, and loads every parameter strictly, so that the
-logits are those of the source model. LayerNorm eps is copied module by module (timm and torchvision use
-1e-6, Hugging Face's ViT 1e-12). Whatever vitkernels cannot compute exactly (register tokens, attention
-pooling, RMSNorm, tanh-GELU, RoPE, a representation layer, ...) is rejected with an error naming the feature:
-a converted model never gives a silently different answer.
+logits are those of the source model. Norm eps is copied module by module (timm and torchvision use 1e-6,
+Hugging Face's ViT 1e-12). From timm, every configuration ``vitkernels.VisionTransformer`` builds converts:
+LayerNorm with or without affine weight / bias, RmsNorm, patch dropout, 'token' / 'avg' / 'max' / 'avgmax'
+pooling (``pool_include_prefix``), no position embedding, ``dynamic_img_pad``. Whatever vitkernels cannot
+compute exactly (register tokens, attention pooling, tanh-GELU, SwiGLU, RoPE, a representation layer, ...) is
+rejected with an error naming the feature: a converted model never gives a silently different answer.
 
 The JAX ``.npz`` layouts (``load_npz``):
     embedding/kernel (P, P, C, D) HWIO, embedding/bias (D,), cls (1, 1, D)
@@ -27,6 +29,7 @@ JAX Dense kernels are (in, out): a torch Linear weight is the transpose.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Callable, NamedTuple
@@ -35,8 +38,10 @@ import torch
 from torch import nn
 
 from vitkernels.nn.block import DropPath
+from vitkernels.nn.norm import LayerNorm, RmsNorm
+from vitkernels.nn.norm import _kind as norm_kind
 from vitkernels.nn.pos_embed import resample_pos_embed
-from vitkernels.nn.vision_transformer import VisionTransformer
+from vitkernels.nn.vision_transformer import POOLS, VisionTransformer
 
 __all__ = ["from_timm", "from_torchvision", "from_hf", "load_npz", "timm_vit_config", "UnsupportedModelError",
            "NpzLoadResult"]
@@ -75,6 +80,36 @@ def _check_norm(source: str, name: str, m: nn.Module, allow_identity: bool = Tru
     raise _unsupported(source, f"normalization layer {type(m).__name__} at {name} (only LayerNorm is supported)")
 
 
+def _timm_norm(source: str, name: str, m: nn.Module, required: bool = False) -> tuple[str, bool, bool] | None:
+    """A timm model's norm -> (kind, affine weight, bias) for the norms vitkernels computes exactly ('layernorm':
+    nn.LayerNorm or timm's LayerNorm; 'rmsnorm': timm's RmsNorm or nn.RMSNorm); None for Identity (unless
+    ``required``). Anything else is rejected by name."""
+    if not required and isinstance(m, nn.Identity):
+        return None
+    kind = norm_kind(m)
+    if kind is None:
+        raise _unsupported(source, f"normalization layer {type(m).__module__}.{type(m).__qualname__} at {name} "
+                                   "(LayerNorm and RmsNorm are supported)")
+    return kind, m.weight is not None, getattr(m, "bias", None) is not None
+
+
+def _describe_norm(spec: tuple[str, bool, bool]) -> str:
+    kind, affine, bias = spec
+    if kind == "rmsnorm":
+        return "RmsNorm" + ("" if affine else " without weight")
+    return "LayerNorm" + ("" if affine else " without weight") + ("" if bias else " without bias")
+
+
+def _norm_layer(spec: tuple[str, bool, bool], eps: float | None):
+    """(kind, affine, bias) -> the ``norm_layer`` argument that builds it (None: vitkernels' default LayerNorm)."""
+    kind, affine, bias = spec
+    if kind == "rmsnorm":
+        return functools.partial(RmsNorm, eps=eps, affine=affine)
+    if affine and bias:
+        return None
+    return functools.partial(LayerNorm, eps=eps, elementwise_affine=affine, bias=bias)
+
+
 def _is_exact_gelu(m: nn.Module) -> bool:
     if isinstance(m, nn.GELU):
         return m.approximate == "none"
@@ -87,17 +122,17 @@ def _is_exact_gelu(m: nn.Module) -> bool:
 
 def _build(config: dict, state_dict: dict, eps: dict[str, float], like: torch.Tensor, training: bool,
            backend: str, drop_path: list[float] | None = None) -> VisionTransformer:
-    """Construct the vitkernels model, set each LayerNorm's eps, move it to ``like``'s device and dtype and
-    load ``state_dict`` (timm keys) strictly."""
+    """Construct the vitkernels model, set each norm's eps (LayerNorm, RmsNorm; ``eps`` by module name), move it
+    to ``like``'s device and dtype and load ``state_dict`` (timm keys) strictly."""
     values = set(eps.values())
-    if len(values) == 1:
+    if len(values) == 1 and None not in values:
         config = dict(config, norm_eps=float(values.pop()))
     model = VisionTransformer(**config, weight_init="skip", backend=backend)
     for name, value in eps.items():  # per module as well: q/k norms, and checkpoints with mixed eps
         norm = model.get_submodule(name)
-        if not isinstance(norm, nn.LayerNorm):
-            raise RuntimeError(f"vitkernels model has no LayerNorm at {name!r}")  # a bug in a converter
-        norm.eps = float(value)
+        if norm_kind(norm) is None:
+            raise RuntimeError(f"vitkernels model has no norm layer at {name!r}")  # a bug in a converter
+        norm.eps = None if value is None else float(value)
     if drop_path is not None:
         for blk, p in zip(model.blocks, drop_path):
             blk.drop_path1 = DropPath(p) if p > 0 else nn.Identity()
@@ -126,6 +161,7 @@ def timm_vit_config(model: nn.Module) -> dict:
     src = "from_timm"
     try:
         from timm.layers import Mlp as TimmMlp
+        from timm.layers import PatchDropout as TimmPatchDropout
         from timm.layers import PatchEmbed as TimmPatchEmbed
         from timm.layers.attention import Attention as TimmAttention
         from timm.models.vision_transformer import Block as TimmBlock
@@ -144,29 +180,25 @@ def timm_vit_config(model: nn.Module) -> dict:
         raise _unsupported(src, f"register tokens (reg_tokens={model.reg_token.shape[1]})")
     if getattr(model, "attn_pool", None) is not None:
         raise _unsupported(src, f"attention pooling (global_pool={model.global_pool!r})")
-    if model.global_pool not in ("", "token", "avg"):
+    if model.global_pool not in POOLS:
         raise _unsupported(src, f"global_pool={model.global_pool!r}")
-    if model.global_pool == "avg" and getattr(model, "pool_include_prefix", False):
-        raise _unsupported(src, "pool_include_prefix=True (average pooling over the class token)")
-    if model.pos_embed is None:
-        raise _unsupported(src, "a model without absolute position embeddings (pos_embed='none')")
-    if not isinstance(getattr(model, "patch_drop", nn.Identity()), nn.Identity):
-        raise _unsupported(src, "patch dropout (patch_drop_rate > 0)")
+    patch_drop = getattr(model, "patch_drop", nn.Identity())
+    if not isinstance(patch_drop, (nn.Identity, TimmPatchDropout)):
+        raise _unsupported(src, f"patch dropout module {type(patch_drop).__name__} (timm's PatchDropout is supported)")
 
     pe = model.patch_embed
     if type(pe) is not TimmPatchEmbed or hasattr(pe, "backbone"):
         raise _unsupported(src, f"patch embedding {type(pe).__name__} (hybrid CNN stems are not supported)")
     if not isinstance(pe.norm, nn.Identity):
         raise _unsupported(src, "a norm layer in the patch embedding (embed_norm_layer)")
-    if getattr(pe, "dynamic_img_pad", False):
-        raise _unsupported(src, "dynamic_img_pad=True")
     proj = pe.proj
     if (not isinstance(proj, nn.Conv2d) or proj.kernel_size != proj.stride or proj.kernel_size[0] != proj.kernel_size[1]
             or proj.padding != (0, 0) or proj.dilation != (1, 1) or proj.groups != 1):
         raise _unsupported(src, f"patch projection {proj} (need a square Conv2d with kernel = stride)")
     if pe.img_size is None:
         raise _unsupported(src, "a patch embedding without img_size")
-    pre_norm = _check_norm(src, "norm_pre", model.norm_pre)
+    norms = {"norm_pre": _timm_norm(src, "norm_pre", model.norm_pre)}  # module name -> (kind, affine, bias)
+    pre_norm = norms["norm_pre"] is not None
     if (proj.bias is None) != pre_norm:
         raise _unsupported(src, "a patch projection bias that does not follow pre_norm (bias = not pre_norm)")
 
@@ -190,8 +222,10 @@ def timm_vit_config(model: nn.Module) -> dict:
             raise _unsupported(src, f"attention width {attn.num_heads} x {attn.head_dim} != embed_dim {D} at {where}")
         if not math.isclose(attn.scale, attn.head_dim ** -0.5, rel_tol=1e-12):
             raise _unsupported(src, f"attention scale {attn.scale} != head_dim ** -0.5 at {where}")
-        qk_norm = _check_norm(src, f"{where}.attn.q_norm", attn.q_norm)
-        if qk_norm != _check_norm(src, f"{where}.attn.k_norm", attn.k_norm):
+        for name in ("q_norm", "k_norm"):
+            norms[f"{where}.attn.{name}"] = _timm_norm(src, f"{where}.attn.{name}", getattr(attn, name))
+        qk_norm = norms[f"{where}.attn.q_norm"] is not None
+        if qk_norm != (norms[f"{where}.attn.k_norm"] is not None):
             raise _unsupported(src, f"q_norm without k_norm at {where}")
         if type(mlp) is not TimmMlp:
             raise _unsupported(src, f"MLP type {type(mlp).__name__} at {where}.mlp (SwiGLU / GLU are not supported)")
@@ -204,8 +238,8 @@ def timm_vit_config(model: nn.Module) -> dict:
         proj_bias = attn.proj.bias is not None
         if (mlp.fc1.bias is not None) != proj_bias or (mlp.fc2.bias is not None) != proj_bias:
             raise _unsupported(src, f"MLP biases that differ from the attention projection's at {where}")
-        _check_norm(src, f"{where}.norm1", blk.norm1, allow_identity=False)
-        _check_norm(src, f"{where}.norm2", blk.norm2, allow_identity=False)
+        for name in ("norm1", "norm2"):
+            norms[f"{where}.{name}"] = _timm_norm(src, f"{where}.{name}", getattr(blk, name), required=True)
         layer_scale = []
         for name in ("ls1", "ls2"):
             ls = getattr(blk, name)
@@ -223,8 +257,17 @@ def timm_vit_config(model: nn.Module) -> dict:
         raise _unsupported(src, "blocks with different configurations")
     b0 = per_block[0]
 
-    final_norm = _check_norm(src, "norm", model.norm)
-    fc_norm = _check_norm(src, "fc_norm", model.fc_norm)
+    norms["norm"] = _timm_norm(src, "norm", model.norm)
+    norms["fc_norm"] = _timm_norm(src, "fc_norm", model.fc_norm)
+    final_norm, fc_norm = norms["norm"] is not None, norms["fc_norm"] is not None
+    norms = {name: spec for name, spec in norms.items() if spec is not None}
+    kinds = {}  # VisionTransformer builds every norm with one norm_layer (as timm's constructor does)
+    for name, spec in norms.items():
+        kinds.setdefault(spec, name)
+    if len(kinds) > 1:
+        described = ", ".join(f"{name} is {_describe_norm(spec)}" for spec, name in kinds.items())
+        raise _unsupported(src, f"normalization layers of different kinds ({described})")
+    first = next(iter(norms))  # norm1 at least
     head = model.head
     if not isinstance(head, (nn.Linear, nn.Identity)):
         raise _unsupported(src, f"classifier head {type(head).__name__}")
@@ -235,10 +278,14 @@ def timm_vit_config(model: nn.Module) -> dict:
         embed_dim=D, depth=len(blocks), num_heads=b0["num_heads"], mlp_ratio=_mlp_ratio(D, b0["hidden"]),
         qkv_bias=b0["qkv_bias"], qk_norm=b0["qk_norm"], proj_bias=b0["proj_bias"],
         init_values=1e-5 if b0["layer_scale"] else None, class_token=model.cls_token is not None,
-        no_embed_class=bool(model.no_embed_class), pre_norm=pre_norm, final_norm=final_norm or fc_norm,
-        fc_norm=fc_norm, dynamic_img_size=bool(model.dynamic_img_size), drop_rate=model.head_drop.p,
-        pos_drop_rate=model.pos_drop.p, proj_drop_rate=blocks[0].attn.proj_drop.p,
+        pos_embed="learn" if model.pos_embed is not None else "none", no_embed_class=bool(model.no_embed_class),
+        pre_norm=pre_norm, final_norm=final_norm or fc_norm, fc_norm=fc_norm,
+        pool_include_prefix=bool(getattr(model, "pool_include_prefix", False)),
+        dynamic_img_size=bool(model.dynamic_img_size), dynamic_img_pad=bool(getattr(pe, "dynamic_img_pad", False)),
+        drop_rate=model.head_drop.p, pos_drop_rate=model.pos_drop.p,
+        patch_drop_rate=float(getattr(patch_drop, "prob", 0.0)), proj_drop_rate=blocks[0].attn.proj_drop.p,
         attn_drop_rate=blocks[0].attn.attn_drop.p, drop_path_rate=float(getattr(dp, "drop_prob", 0.0)),
+        norm_layer=_norm_layer(norms[first], model.get_submodule(first).eps),
     )
 
 
@@ -251,12 +298,19 @@ def from_timm(model: nn.Module, backend: str = "auto") -> VisionTransformer:
         backend: the vitkernels backend of the new model.
 
     The new model owns copies of the weights, on the source's device and dtype, in the source's train/eval mode.
+    Its norms are the source's kind (LayerNorm with or without weight / bias, RmsNorm) with each module's eps;
+    patch dropout, stochastic depth and every dropout keep their rates, so a seeded training step draws the
+    same masks as timm's.
     """
     config = timm_vit_config(model)
-    eps = {name: m.eps for name, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
+    eps = {name: m.eps for name, m in model.named_modules() if norm_kind(m) is not None}
     drop_path = [float(getattr(blk.drop_path1, "drop_prob", 0.0)) for blk in model.blocks]
     state_dict = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return _build(config, state_dict, eps, model.pos_embed, model.training, backend, drop_path)
+    new = _build(config, state_dict, eps, model.patch_embed.proj.weight, model.training, backend, drop_path)
+    if config["patch_drop_rate"] > 0:  # the source module's settings (timm's constructor leaves ordered False)
+        new.patch_drop.ordered = bool(model.patch_drop.ordered)
+        new.patch_drop.num_prefix_tokens = int(model.patch_drop.num_prefix_tokens)
+    return new
 
 
 # -- torchvision ----------------------------------------------------------------------------------------------

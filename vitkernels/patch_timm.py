@@ -6,9 +6,10 @@
 
 The modules, parameters, state_dict and everything else of the timm model stay as they are; only the
 forwards of the model (``forward_features``), of each ``Block`` and its ``attn`` and ``mlp``, each LayerNorm
-and the classifier head are replaced (per instance, with ``types.MethodType``) by the same functions
-vitkernels' own modules run (``block_forward``, ``attention_forward``, ``mlp_forward`` in vitkernels/nn/),
-which call ``vitkernels.ops`` with the timm modules' own parameters:
+(with or without affine weight / bias) and the classifier head are replaced (per instance, with
+``types.MethodType``) by the same functions vitkernels' own modules run (``block_forward``,
+``attention_forward``, ``mlp_forward`` in vitkernels/nn/), which call ``vitkernels.ops`` with the timm modules'
+own parameters:
 
     patch embed + class token + position embedding   one ops.patch_embed
     norm1 + qkv                                      ops.ln_linear (LayerNorm fused into the GEMM)
@@ -21,9 +22,15 @@ which call ``vitkernels.ops`` with the timm modules' own parameters:
 With ``lean=False`` the blocks call every submodule instead (ops.layer_norm for norm1 / norm2, ops.linear for
 qkv, fc1 + GELU, fc2), saving what timm saves for the backward; see vitkernels/nn/block.py.
 
+What no fused op computes stays timm's own module, called where timm calls it: RmsNorm layers (a block with
+an RmsNorm norm1 / norm2 takes the per-op path for that half: the norm, then the fused GEMMs and attention),
+patch dropout (``patch_drop``, after the embedding), and the pooling ('token', 'avg', 'max', 'avgmax',
+``pool_include_prefix``) in timm's unpatched ``forward_head``. A model without a position embedding
+(``pos_embed='none'``) and ``dynamic_img_pad`` run through the same fused embedding.
+
 Attention dropout during training, and timm's masked forward (``attn_mask`` / ``is_causal``), use PyTorch's
 SDPA for the attention itself (no fused kernel implements them); the GEMMs stay fused. Configurations that
-``vitkernels.from_timm`` rejects (register tokens, attention pooling, RMSNorm, tanh-GELU, ...) are rejected
+``vitkernels.from_timm`` rejects (register tokens, attention pooling, tanh-GELU, SwiGLU, ...) are rejected
 here with the same errors.
 
 Nothing the timm model could do is lost: ``forward_intermediates`` (and timm's ``get_intermediate_layers``,
@@ -168,7 +175,7 @@ def patch_timm(model: nn.Module, backend: str = "auto", lean: bool = True) -> nn
     _bind(model, "__prepare_scriptable__", _prepare_scriptable, backend)
     # Probe the backends now, outside any torch.compile trace (probing imports modules, which dynamo cannot
     # trace). A backend that cannot run here raises at the first forward, with its reason.
-    device = model.pos_embed.device
+    device = model.patch_embed.proj.weight.device
     for op in OPS:
         try:
             resolve(op, backend, device)

@@ -75,9 +75,10 @@ def _check_act(act_layer) -> None:
 
 def embed_tokens(model: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
     """images (B, C, H, W) -> tokens (B, prefix + N, D) in one fused op (patchify, project, class token,
-    position embedding), then position dropout; for any model with timm's VisionTransformer attribute names
-    (this one, and timm's under ``vitkernels.patch_timm``). Proxy-safe: under torch.fx the input checks are
-    skipped and the position embedding is resampled by a leaf call."""
+    position embedding), then position dropout (as timm, none without a position embedding); for any model
+    with timm's VisionTransformer attribute names (this one, and timm's under ``vitkernels.patch_timm``).
+    Proxy-safe: under torch.fx the input checks are skipped and the position embedding is resampled by a leaf
+    call."""
     pe = model.patch_embed
     proj = pe.proj
     P = proj.kernel_size[0]
@@ -99,6 +100,8 @@ def embed_tokens(model: nn.Module, x: torch.Tensor, backend: str) -> torch.Tenso
             raise RuntimeError(FP32_RESIDUAL_FX)
         if torch.is_autocast_enabled(x.device.type):
             x = x.float()  # the stream starts fp32 (timm: bf16 patch GEMM + fp32 position embedding)
+    if model.pos_embed is None:
+        return x  # timm applies position dropout only with a position embedding (pos_embed='none': none)
     return model.pos_drop(x)
 
 
