@@ -3,10 +3,13 @@
 With no options it trains the embedded default: on a CPU a small ViT (28 px, patch 7, width 64, depth 4) on
 ``mnist5k`` for 25 epochs (about a minute and a half on 2 cores); on a GPU a wider, deeper one for longer, in bf16.
 Any option given overrides the default's value. Multi-GPU: ``torchrun --nproc_per_node N -m vitkernels
-train ...`` (``--batch-size`` is per process, as in timm's and torchvision's reference scripts).
+train ...`` (``--batch-size`` is per process, as in timm's and torchvision's reference scripts); add ``--fsdp``
+to shard the model, its gradients and AdamW states over the ranks (FSDP2) instead of replicating them (DDP):
+docs/fsdp.md says when, and what each takes per GPU.
 
 Outputs in ``--out``: ``log.jsonl`` (one line per step, plus eval lines), ``metrics.json``, ``model.pt``
-(final weights) and ``checkpoint.pt`` (every ``--ckpt-interval`` steps, atomic; ``--resume`` continues it).
+(final weights) and ``checkpoint.pt`` (every ``--ckpt-interval`` steps, atomic; ``--resume`` continues it);
+with ``--fsdp``, ``checkpoint/step_<N>/`` directories instead, written by every rank.
 """
 
 from __future__ import annotations

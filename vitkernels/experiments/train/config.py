@@ -49,13 +49,18 @@ class TrainConfig:
     amp: str | None = option("optimisation", "autocast dtype (fp16 uses a GradScaler)", choices=AMP_CHOICES)
     compile: bool = option("optimisation", "torch.compile the model", default=False)
     grad_checkpointing: bool = option("optimisation", default=False)
+    fsdp: bool = option("optimisation", "shard parameters, gradients and AdamW states over the ranks (FSDP2) "
+                        "instead of replicating them (DDP); with --amp bf16|fp16 a MixedPrecisionPolicy replaces "
+                        "autocast; checkpoints become sharded directories (see docs/fsdp.md)", default=False)
+    fsdp_offload: bool = option("optimisation", "with --fsdp: keep sharded weights, gradients and AdamW states in "
+                                "host memory and step AdamW on the CPU", default=False)
     seed: int = option("optimisation", default=0)
     deterministic: bool = option("optimisation", "deterministic algorithms (bit-identical reruns and resumes on "
                                  "a GPU too)", default=False)
     eval_interval: int | None = option("run", "steps between test evaluations (default: each epoch)")
     out: str = option("run", "output directory", default="runs/train")
-    resume: str | None = option("run", "continue from <out>/checkpoint.pt (or the given path)", nargs="?",
-                                const="auto")
+    resume: str | None = option("run", "continue from <out>/checkpoint.pt (with --fsdp: the newest "
+                                "<out>/checkpoint/step_*), or the given path", nargs="?", const="auto")
     ckpt_interval: int | None = option("run", "steps between checkpoints")
     device: str | None = option("run", "cpu | cuda | cuda:N (default: cuda when present)")
     peak_tflops: float | None = option("run", "peak TFLOP/s for MFU (default: the device table)")
@@ -91,4 +96,6 @@ def resolve(cfg: TrainConfig, device: torch.device) -> TrainConfig:
         raise ValueError("--steps / --epochs must be positive")
     if cfg.batch_size < 1:
         raise ValueError("--batch-size must be positive")
+    if cfg.fsdp_offload and not cfg.fsdp:
+        raise ValueError("--fsdp-offload needs --fsdp")
     return cfg

@@ -6,10 +6,16 @@ linear-warmup + cosine schedule evaluated per step. Under ``torchrun`` (RANK / W
 environment) the model is wrapped in DistributedDataParallel; each rank reads its DistributedSampler shard of
 the in-memory data; rank 0 alone logs and writes checkpoints.
 
+With ``--fsdp`` the model is sharded with FSDP2 instead (``fsdp.py``: every rank holds 1/W of the weights,
+gradients and AdamW states; a MixedPrecisionPolicy replaces autocast), also on one process (a one-rank
+group). Its checkpoints are directories written by every rank at once with torch.distributed.checkpoint and
+committed by a rename (``checkpoint.py``); they resume on the same number of ranks exactly, and on another
+(resharded, with the same global batch); ``model.pt`` is gathered on rank 0's CPU one tensor at a time.
+
 Exact resume: data order is a function of (seed, epoch), augmentation of (seed, step, rank), the learning
 rate of the step; the checkpoint holds model, optimizer, scaler, step and every rank's RNG state. A run
 killed at any point and resumed from its last checkpoint therefore ends with the same weights, bit for bit,
-as an uninterrupted run (CPU, or ``--deterministic`` on a GPU).
+as an uninterrupted run (CPU, or ``--deterministic`` on a GPU), with DDP or FSDP2 alike.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 
@@ -32,6 +39,10 @@ from vitkernels.experiments.train import checkpoint as ckpt
 from vitkernels.experiments.train.config import RESUME_AUTO, TrainConfig, resolve
 
 CHECKPOINT = "checkpoint.pt"
+SHARDED_CHECKPOINTS = "checkpoint"  # --fsdp: <out>/checkpoint/step_<N>/ (checkpoint.py)
+# "<rank>:<step>:<point>": that rank SIGKILLs itself at that point of the save at that step (tests; points:
+# save_start, after the temporary directory exists; save_written, after this rank's shards are written).
+DEBUG_KILL = "VITKERNELS_DEBUG_KILL"
 
 
 def default_patch_size(img_size: int) -> int:
@@ -51,6 +62,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # this run started the process group, so it ends it
 
     @property
     def enabled(self) -> bool:
@@ -61,8 +73,9 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(device_arg: str | None) -> tuple[Dist, torch.device]:
-    """Read torchrun's environment; start the process group (nccl on CUDA, gloo on CPU); pick the device."""
+def init_distributed(device_arg: str | None, fsdp: bool = False) -> tuple[Dist, torch.device]:
+    """Read torchrun's environment; start the process group (nccl on CUDA, gloo on CPU); pick the device.
+    FSDP2 needs a process group on one process too: a one-rank group in this process (no rendezvous)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dist = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
     if device_arg:
@@ -73,8 +86,13 @@ def init_distributed(device_arg: str | None) -> tuple[Dist, torch.device]:
         device = torch.device("cuda", dist.local_rank if dist.enabled else torch.cuda.current_device())
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if dist.enabled and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        torch.distributed.init_process_group(backend)
+        dist.owns_group = True
+    elif fsdp and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+        dist.owns_group = True
     return dist, device
 
 
@@ -99,18 +117,25 @@ def lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float) -> 
 
 
 @torch.no_grad()
-def evaluate(model, data: datasets.Data, batch_size: int, device, amp: str, img_size: int, dist: Dist
-             ) -> tuple[float, float]:
-    """(accuracy, mean loss) on this rank's shard of the test split, summed over ranks."""
+def evaluate(model, data: datasets.Data, batch_size: int, device, amp: str, img_size: int, dist: Dist,
+             lockstep: bool = False) -> tuple[float, float]:
+    """(accuracy, mean loss) on this rank's shard of the test split, summed over ranks. ``lockstep``: every
+    rank runs the same number of forwards (FSDP gathers weights in each one, collectively); a rank whose
+    shard is one sample shorter runs its last one on a stand-in batch that is not counted."""
     was_training = model.training
     model.eval()
     n = len(data.test_y)
     idx_all = torch.arange(n)[dist.rank::dist.world_size]
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
-    for i in range(0, len(idx_all), batch_size):
-        x, y = datasets.make_batch(data, idx_all[i:i + batch_size], train=False, img_size=img_size)
+    span = math.ceil(n / dist.world_size) if lockstep else len(idx_all)  # the longest shard
+    for i in range(0, span, batch_size):
+        idx = idx_all[i:i + batch_size]
+        counted = len(idx) > 0
+        x, y = datasets.make_batch(data, idx if counted else torch.arange(1), train=False, img_size=img_size)
         with autocast(device, amp):
             logits = model(x)
+        if not counted:
+            continue
         totals[0] += (logits.argmax(-1) == y).sum()
         totals[1] += F.cross_entropy(logits.float(), y, reduction="sum")
         totals[2] += len(y)
@@ -152,7 +177,7 @@ class Run:
     device: torch.device
     data: datasets.Data
     model_kw: dict  # VisionTransformer's constructor arguments
-    model: torch.nn.Module  # the bare model: weights, checkpoints
+    model: torch.nn.Module  # the bare model (with --fsdp: sharded in place): weights, checkpoints
     net: torch.nn.Module  # what a step calls: the model, wrapped in DDP and/or compiled
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -165,11 +190,16 @@ class Run:
     hw_flops_per_image: float  # with the forward recomputed under gradient checkpointing
     peak: float | None  # TFLOP/s, for MFU
     run_id: dict  # what a checkpoint must match to be resumed
-    ckpt_path: str
+    ckpt_path: str  # checkpoint.pt, or with --fsdp the directory of the sharded checkpoints
+    autocast_amp: str  # what the forward runs under autocast: cfg.amp, or "none" where FSDP's policy casts
 
     @property
     def global_batch(self) -> int:
         return self.batch * self.dist.world_size
+
+    @property
+    def sharded(self) -> bool:
+        return self.cfg.fsdp
 
     @property
     def img_size(self) -> int:
@@ -192,6 +222,13 @@ def set_up(cfg: TrainConfig, dist: Dist, device: torch.device) -> Run:
     model = VisionTransformer(**kw, backend=cfg.backend).to(device)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    train_flops = flopcount.count(model, training=True, recompute=False).total  # of the whole, unsharded model
+    hw_flops = flopcount.count(model, training=True).total
+    if cfg.fsdp:
+        from vitkernels.experiments.train import fsdp
+
+        # Every rank built the same weights (seeded above); each keeps its shards.
+        model = fsdp.shard(model, device, amp=cfg.amp, offload=cfg.fsdp_offload)
     torch.manual_seed(cfg.seed + dist.rank)  # dropout / stochastic depth differ across ranks
 
     # Steps: every rank sees ceil(n / world) samples per epoch (DistributedSampler), in full batches.
@@ -204,7 +241,7 @@ def set_up(cfg: TrainConfig, dist: Dist, device: torch.device) -> Run:
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     net = model
-    if dist.enabled:
+    if dist.enabled and not cfg.fsdp:
         device_ids = [device.index] if device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if cfg.compile:
@@ -218,11 +255,11 @@ def set_up(cfg: TrainConfig, dist: Dist, device: torch.device) -> Run:
         cfg=cfg, dist=dist, device=device, data=data, model_kw=kw, model=model, net=net, optimizer=optimizer,
         scaler=scaler, batch=batch, steps_per_epoch=steps_per_epoch, total=total, warmup=warmup,
         eval_interval=cfg.eval_interval or steps_per_epoch,
-        train_flops_per_image=flopcount.count(model, training=True, recompute=False).total,
-        hw_flops_per_image=flopcount.count(model, training=True).total, peak=peak,
+        train_flops_per_image=train_flops, hw_flops_per_image=hw_flops, peak=peak,
         run_id=dict(model=kw, dataset=cfg.dataset, batch_size=batch, world_size=dist.world_size, seed=cfg.seed,
                     total_steps=total),
-        ckpt_path=os.path.join(cfg.out, CHECKPOINT))
+        ckpt_path=os.path.join(cfg.out, SHARDED_CHECKPOINTS if cfg.fsdp else CHECKPOINT),
+        autocast_amp="none" if cfg.fsdp else cfg.amp)
 
 
 # -- resume and checkpoints --------------------------------------------------------------------------------
@@ -238,26 +275,47 @@ class Start:
 
 def resume(run: Run) -> Start:
     """With --resume, load the checkpoint (weights, optimiser, scaler, step, this rank's RNG state) after
-    checking it belongs to the same run; without one, or for "auto" without a checkpoint: step 0."""
+    checking it belongs to the same run; without one, or for "auto" without a checkpoint: step 0.
+
+    With --fsdp the checkpoint is the newest complete directory under <out>/checkpoint (or the given one);
+    it may come from another number of ranks when the global batch is the same (DCP reshards it)."""
     cfg, dist = run.cfg, run.dist
     if not cfg.resume:
         return Start()
-    path = run.ckpt_path if cfg.resume in RESUME_AUTO else cfg.resume
-    if not os.path.exists(path):
-        if cfg.resume not in RESUME_AUTO:
+    auto = cfg.resume in RESUME_AUTO
+    path = run.ckpt_path if auto else cfg.resume
+    if run.sharded:
+        path = ckpt.latest_sharded(path) or path
+    found = ckpt.is_sharded(path) if run.sharded else os.path.isfile(path)
+    if not found:
+        _check_format(run, path, auto)
+        if not auto:
             raise FileNotFoundError(f"--resume {path}: no such checkpoint")
         if dist.main:
             print(f"vitkernels train: no checkpoint at {path}; starting from step 0")
         return Start()
-    state = ckpt.load(path, map_location=run.device)
-    mismatch = {k: (state["run"].get(k), v) for k, v in run.run_id.items() if state["run"].get(k) != v}
+    state = ckpt.load(os.path.join(path, ckpt.EXTRA) if run.sharded else path, map_location=run.device)
+    mismatch = _run_mismatch(state["run"], run.run_id, resharding=run.sharded)
     if mismatch:
         raise ValueError(f"cannot resume from {path}: the run differs in {mismatch} (checkpoint, now)")
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    resharded = run.sharded and state["run"]["world_size"] != dist.world_size
+    if run.sharded:
+        from vitkernels.experiments.train import fsdp
+
+        fsdp.load_sharded(run.model, run.optimizer, path)
+        if resharded and dist.main:
+            print(f"vitkernels train: resharding a checkpoint of {state['run']['world_size']} ranks onto "
+                  f"{dist.world_size}; the weights and optimiser state load exactly, the continuation differs from "
+                  "the original run's in reduction order and per-rank randomness")
+    else:
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
     run.scaler.load_state_dict(state["scaler"])
-    rng = state["rng"][dist.rank] if dist.rank < len(state["rng"]) else state["rng"][0]
-    ckpt.restore_rng(rng, run.device)
+    if resharded:  # other ranks, other streams: seeded from (seed, step, rank), not borrowed from another rank
+        torch.manual_seed((cfg.seed * 1_000_003 + state["step"]) * 1_009 + dist.rank)
+    else:
+        rng = state["rng"][dist.rank] if dist.rank < len(state["rng"]) else state["rng"][0]
+        ckpt.restore_rng(rng, run.device)
     metrics = state.get("metrics")
     done = os.path.join(cfg.out, "metrics.json")
     if metrics is None and state["step"] >= run.total and os.path.exists(done):
@@ -268,21 +326,81 @@ def resume(run: Run) -> Start:
     return Start(state["step"], state["train_time_s"], state["step"], metrics)
 
 
+def _run_mismatch(saved: dict, now: dict, resharding: bool) -> dict:
+    """{key: (checkpoint's, now)} for what differs between two run ids. ``resharding``: the number of ranks
+    may differ, the global batch (per-rank batch x ranks) may not."""
+    saved, now = dict(saved), dict(now)
+    if resharding:
+        for run_id in (saved, now):
+            run_id["global_batch_size"] = run_id.pop("batch_size", 0) * run_id.pop("world_size", 0)
+    return {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+
+
+def _check_format(run: Run, path: str, auto: bool) -> None:
+    """Where this run's kind of checkpoint is missing: if one of the other kind (sharded vs checkpoint.pt) is
+    there, say so rather than start from step 0 or report it missing."""
+    other = os.path.join(run.cfg.out, CHECKPOINT if run.sharded else SHARDED_CHECKPOINTS) if auto else path
+    if run.sharded and os.path.isfile(other):
+        raise ValueError(f"{other} was written without --fsdp; resume it without --fsdp")
+    if not run.sharded and ckpt.latest_sharded(other):
+        raise ValueError(f"{other} holds sharded checkpoints (written with --fsdp); resume it with --fsdp")
+
+
 def save_checkpoint(run: Run, step: int, train_time_s: float, metrics: dict | None = None) -> None:
     """Every rank's RNG state gathered to rank 0, which writes the checkpoint atomically. The final one, written
-    after model.pt and metrics.json, carries the metrics: a resume from it finds the run complete."""
+    after model.pt and metrics.json, carries the metrics: a resume from it finds the run complete. With --fsdp
+    every rank writes its shards (collective), rank 0 commits the directory (see checkpoint.py)."""
     dist, device = run.dist, run.device
     rngs = [ckpt.capture_rng(device)]
     if dist.enabled:
         rngs = [None] * dist.world_size
         torch.distributed.all_gather_object(rngs, ckpt.capture_rng(device))
         rngs = [{k: v.cpu() for k, v in r.items()} for r in rngs]
-    if dist.main:
-        ckpt.save_atomic(dict(model=run.model.state_dict(), optimizer=run.optimizer.state_dict(),
-                              scaler=run.scaler.state_dict(), step=step, images_seen=step * run.global_batch,
-                              train_time_s=train_time_s, rng=rngs, run=run.run_id,
-                              config=dataclasses.asdict(run.cfg), metrics=metrics),
+    small = dict(scaler=run.scaler.state_dict(), step=step, images_seen=step * run.global_batch,
+                 train_time_s=train_time_s, rng=rngs, run=run.run_id, config=dataclasses.asdict(run.cfg),
+                 metrics=metrics)
+    if run.sharded:
+        _save_sharded(run, step, small)
+    elif dist.main:
+        ckpt.save_atomic(dict(model=run.model.state_dict(), optimizer=run.optimizer.state_dict(), **small),
                          run.ckpt_path)
+
+
+def _save_sharded(run: Run, step: int, small: dict) -> None:
+    """Checkpoint ``step`` as a sharded directory: rank 0 creates the temporary directory, every rank writes
+    its shards into it, rank 0 commits it (``small`` beside the shards, then the rename). A kill of any rank
+    before the rename leaves the previous checkpoint the newest complete one."""
+    from vitkernels.experiments.train import fsdp
+
+    root, main = run.ckpt_path, run.dist.main
+    if main:
+        ckpt.begin_sharded(root, step)
+    torch.distributed.barrier()  # the directory exists before any rank writes into it
+    _debug_kill(run, step, "save_start")
+    fsdp.save_sharded(run.model, run.optimizer, ckpt.tmp_dir(root, step))
+    _debug_kill(run, step, "save_written")
+    if main:
+        ckpt.commit_sharded(root, step, small)
+    torch.distributed.barrier()  # no rank goes on before the checkpoint is committed
+
+
+def _debug_kill(run: Run, step: int, point: str) -> None:
+    """SIGKILL this process when VITKERNELS_DEBUG_KILL names this rank, step and point (tests)."""
+    if os.environ.get(DEBUG_KILL) == f"{run.dist.rank}:{step}:{point}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def export_model(run: Run, path: str) -> None:
+    """``model.pt``: the whole model's plain state dict (timm keys), written atomically by rank 0. With --fsdp
+    every rank takes part (collective): the weights are gathered into rank 0's host memory tensor by tensor."""
+    if run.sharded:
+        from vitkernels.experiments.train import fsdp
+
+        state = fsdp.full_state_dict(run.model)
+    else:
+        state = run.model.state_dict() if run.dist.main else None
+    if run.dist.main:
+        ckpt.save_atomic(state, path)
 
 
 # -- one step ----------------------------------------------------------------------------------------------
@@ -296,7 +414,7 @@ def train_step(run: Run, step: int, idx: torch.Tensor) -> tuple[torch.Tensor, fl
     lr = lr_at(step, run.total, cfg.lr, run.warmup, cfg.min_lr_ratio)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    with autocast(run.device, cfg.amp):
+    with autocast(run.device, run.autocast_amp):
         logits = run.net(x)
     loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
     scaler.scale(loss).backward()
@@ -418,7 +536,7 @@ def summary(run: Run, log: TrainLog, start: Start, step: int, test: tuple, wall_
         global_batch_size=run.global_batch, world_size=run.dist.world_size, backend=cfg.backend,
         backend_resolved={op: resolve_backend(op, cfg.backend, device)[0]
                           for op in OPS},
-        device=name, amp=cfg.amp, compile=cfg.compile, grad_checkpointing=cfg.grad_checkpointing,
+        device=name, amp=cfg.amp, compile=cfg.compile, grad_checkpointing=cfg.grad_checkpointing, fsdp=cfg.fsdp,
         dataset=cfg.dataset, model=cfg.model, model_config=run.model_kw, resumed_from=start.resumed_from,
         config={k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"},
     )
@@ -431,12 +549,24 @@ def train(config: TrainConfig | dict | None = None) -> dict:
     cfg = config if isinstance(config, TrainConfig) else TrainConfig(**(config or {}))
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
-    dist, device = init_distributed(cfg.device)
+    dist, device = init_distributed(cfg.device, cfg.fsdp)
     try:
-        return _train(cfg, dist, device, t_start)
-    finally:
-        if dist.enabled and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        metrics = _train(cfg, dist, device, t_start)
+    except BaseException:
+        if dist.owns_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # no barrier: another rank may be gone
+        raise
+    if dist.owns_group:
+        # Every rank past its last collective before the group goes: destroying it while a peer still has
+        # work in flight can abort gloo ("terminate called without an active exception").
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return metrics
+
+
+def _evaluate(run: Run) -> tuple[float, float]:
+    return evaluate(run.net, run.data, max(run.batch, 256), run.device, run.autocast_amp, run.img_size, run.dist,
+                    lockstep=run.sharded)
 
 
 def _train(cfg: TrainConfig, dist: Dist, device: torch.device, t_start: float) -> dict:
@@ -467,20 +597,20 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device, t_start: float) -
             if checkpoint_due and step < run.total:
                 save_checkpoint(run, step, start.train_time_s + log.train_time)
             if eval_due:
-                test = evaluate(run.net, run.data, max(run.batch, 256), device, cfg.amp, run.img_size, dist)
+                test = _evaluate(run)
                 log.evaluation(step, *test)
             if eval_due or checkpoint_due:
                 log.restart_clock()  # eval and checkpoint time is not training time
         log.flush()
         log.close()
         if test[0] is None:  # resumed at the last step of a run killed before its evaluation
-            test = evaluate(run.net, run.data, max(run.batch, 256), device, cfg.amp, run.img_size, dist)
+            test = _evaluate(run)
         metrics = summary(run, log, start, step, test, time.perf_counter() - t_start)
         # Export first, then the final checkpoint that says so: a run killed before that checkpoint resumes
         # from the previous one and redoes what was left (training steps, evaluation, export); one killed after
         # it is complete. Each file is written atomically.
+        export_model(run, os.path.join(cfg.out, "model.pt"))
         if dist.main:
-            ckpt.save_atomic(run.model.state_dict(), os.path.join(cfg.out, "model.pt"))
             ckpt.save_json_atomic(metrics, os.path.join(cfg.out, "metrics.json"))
         if cfg.ckpt_interval:
             save_checkpoint(run, step, start.train_time_s + log.train_time, metrics)
@@ -493,9 +623,12 @@ def _complete(run: Run, start: Start) -> dict:
     """A resume of a finished run: restore model.pt / metrics.json from the final checkpoint where they are
     missing (they were written before it, so normally both are there), and return the run's metrics."""
     out, metrics = run.cfg.out, start.metrics
+    lost = [not os.path.exists(os.path.join(out, "model.pt"))]
+    if run.sharded and run.dist.enabled:
+        torch.distributed.broadcast_object_list(lost, src=0)  # the export is collective: rank 0's view decides
+    if lost[0]:
+        export_model(run, os.path.join(out, "model.pt"))
     if run.dist.main:
-        if not os.path.exists(os.path.join(out, "model.pt")):
-            ckpt.save_atomic(run.model.state_dict(), os.path.join(out, "model.pt"))
         if not os.path.exists(os.path.join(out, "metrics.json")):
             ckpt.save_json_atomic(metrics, os.path.join(out, "metrics.json"))
         print(f"vitkernels train: the run in {out} is complete ({start.step} steps); nothing left to do")
