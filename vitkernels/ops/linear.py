@@ -3,8 +3,9 @@
 Contract (every backend's ``<ns>::linear_fwd`` / ``linear_bwd`` has exactly these schemas):
 
     linear_fwd(x, weight, bias?, residual?, activation, save_z) -> (y, z)
-        x (R, K), weight (M, K), bias (M,), residual (R, M); activation "none" | "gelu" (exact erf).
-        y (R, M); z = x W^T + b, the pre-activation, (R, M) when activation is "gelu" and save_z, else (0,).
+        x (R, K), weight (M, K), bias (M,), residual (R, M); activation "none" | "gelu" (exact erf) |
+        "gelu_tanh" | "quick_gelu" | "silu".
+        y (R, M); z = x W^T + b, the pre-activation, (R, M) with an activation and save_z, else (0,).
     linear_bwd(grad_out, x, weight, z?, activation, needs_dx, needs_dw, needs_db) -> (dx, dw, db)
         z: the saved pre-activation (None without activation). Gradients not asked for are empty (0,).
         The residual's gradient is grad_out itself (no op).
@@ -22,12 +23,14 @@ from vitkernels.ops.contract import OpContract, or_none
 from vitkernels.ops.validate import amp_dtype, cast, check_float, fail, same_device_dtype
 
 OP = "linear"
-ACTIVATIONS = (None, "gelu")
+# Epilogue activations: exact-erf GELU, tanh-GELU (SigLIP2, gelu_pytorch_tanh), QuickGELU (OpenAI CLIP) and
+# SiLU; names as timm's act_layer strings.
+ACTIVATIONS = (None, "gelu", "gelu_tanh", "quick_gelu", "silu")
 
 
 def _fake_fwd(x, weight, bias, residual, activation, save_z):
     R, M = x.shape[0], weight.shape[0]
-    return x.new_empty((R, M)), x.new_empty((R, M) if activation == "gelu" and save_z else (0,))
+    return x.new_empty((R, M)), x.new_empty((R, M) if activation != "none" and save_z else (0,))
 
 
 def _fake_bwd(grad_out, x, weight, z, activation, needs_dx, needs_dw, needs_db):
@@ -38,7 +41,7 @@ def _fake_bwd(grad_out, x, weight, z, activation, needs_dx, needs_dw, needs_db):
 def _setup_context(ctx, inputs, output):
     x, weight, bias, residual, activation, save_z = inputs
     ctx.activation = activation
-    ctx.save_for_backward(x, weight, output[1] if activation == "gelu" else None)
+    ctx.save_for_backward(x, weight, output[1] if activation != "none" else None)
     ctx.mark_non_differentiable(output[1])
 
 
@@ -66,8 +69,8 @@ def _run(fwd_op, x, weight, bias, activation, residual):
     # (..., K) -> (R, K): a view whenever the leading dims flatten (the usual contiguous (B, N, K)), one copy
     # otherwise: the kernels take two strides per operand, not one per leading dim.
     x2d = x.reshape(-1, K)
-    act = "gelu" if activation == "gelu" else "none"
-    save_z = act == "gelu" and torch.is_grad_enabled() and (
+    act = activation or "none"
+    save_z = act != "none" and torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     y, _ = fwd_op(x2d, weight, bias, residual.reshape(-1, M) if residual is not None else None, act, save_z)
     return y.view(*lead, M)
@@ -96,7 +99,8 @@ def linear(
     """y = act(x W^T + b) + residual, the MLP / projection GEMM with its epilogue fused.
 
     Args:
-        x: (..., K). weight: (M, K). bias: (M,) or None. activation: None or "gelu" (exact erf).
+        x: (..., K). weight: (M, K). bias: (M,) or None. activation: None, "gelu" (exact erf),
+            "gelu_tanh", "quick_gelu" (z sigmoid(1.702 z)) or "silu".
         residual: (..., M) or None, added after the activation.
 
     Returns:
@@ -105,12 +109,12 @@ def linear(
     check_float(OP, "x", x)
     check_float(OP, "weight", weight)
     if activation not in ACTIVATIONS:
-        fail(OP, f"activation must be None or 'gelu', got {activation!r}")
+        fail(OP, f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if weight.dim() != 2:
         fail(OP, f"weight must be (out_features, in_features), got shape {tuple(weight.shape)}")
     if x.dim() < 1:
         fail(OP, "x must have at least one dim")
-    name, fn = resolve(OP, backend, x.device, x.dtype, ())
+    name, fn = resolve(OP, backend, x.device, x.dtype, (activation or "none",))
     amp = amp_dtype(x.device) if name != "torch" else None
     if amp is not None:
         x, weight, bias, residual = cast(amp, x, weight, bias, residual)

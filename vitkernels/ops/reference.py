@@ -68,6 +68,12 @@ def linear(x, weight, bias, activation, residual):
     y = F.linear(x, weight, bias)
     if activation == "gelu":
         y = F.gelu(y)
+    elif activation == "gelu_tanh":
+        y = F.gelu(y, approximate="tanh")
+    elif activation == "quick_gelu":
+        y = y * torch.sigmoid(1.702 * y)
+    elif activation == "silu":
+        y = F.silu(y)
     if residual is not None:
         y = y + residual
     return y

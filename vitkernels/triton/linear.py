@@ -4,7 +4,10 @@ What is fused (the ViT uses three variants):
     fc1:       y = GELU(x W^T + b)            bias + exact-erf GELU in the GEMM epilogue
     fc2, proj: y = x W^T + b + residual       bias + residual add in the GEMM epilogue
     qkv:       y = x W^T + b                  bias only
-GELU is the exact one, GELU(z) = 0.5 z (1 + erf(z / sqrt(2))) (torch.nn.GELU(approximate="none")).
+GELU is the exact one, GELU(z) = 0.5 z (1 + erf(z / sqrt(2))) (torch.nn.GELU(approximate="none")); the same
+epilogue (and its backward) also takes tanh-GELU, QuickGELU z sigmoid(1.702 z) and SiLU (``activation``,
+ACT_IDS), the activations of SigLIP2, OpenAI CLIP and SwiGLU-style MLPs. "GELU" below stands for the
+launch's activation.
 
 Shapes: x (..., K) is flattened to (R, K) (a view whenever the leading dims flatten; one deliberate copy
 otherwise, e.g. a (B, N, K) view transposed in B and N); weight (M, K) is read through its strides (no
@@ -42,7 +45,7 @@ single small config under Triton's interpreter (TRITON_INTERPRET=1), where autot
 Programs are ordered in groups along P (the "grouped ordering" of Triton's matmul tutorial) so that
 consecutive programs reuse the same b tiles from L2.
 
-Limits: activation None or "gelu"; inputs of one floating dtype (fp32/fp16/bf16; fp64 is not supported by
+Limits: activation None, "gelu", "gelu_tanh", "quick_gelu" or "silu"; inputs of one floating dtype (fp32/fp16/bf16; fp64 is not supported by
 tl.dot on GPU). bf16 is not tested under the interpreter (its tl.dot is wrong there).
 """
 
@@ -72,18 +75,42 @@ _COLSUM_ROWS = 64
 COLSUM_ROWS = tl.constexpr(_COLSUM_ROWS)
 
 
-@triton.jit
-def _gelu(z):
-    """Exact-erf GELU of an fp32 tile."""
-    return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))  # 1/sqrt(2)
+# Activation ids (the ACT constexpr of the kernels): what "GELU" below stands for in a launch.
+ACT_IDS = {"gelu": 1, "gelu_tanh": 2, "quick_gelu": 3, "silu": 4}
 
 
 @triton.jit
-def _gelu_grad(z):
-    """GELU'(z) = Phi(z) + z phi(z) of an fp32 tile."""
-    cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))  # 1/sqrt(2)
-    pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327  # 1/sqrt(2 pi)
-    return cdf + z * pdf
+def _gelu(z, ACT: tl.constexpr = 1):
+    """The activation ACT of an fp32 tile: exact-erf GELU (1), tanh-GELU (2), QuickGELU z sigmoid(1.702 z)
+    (3), SiLU z sigmoid(z) (4)."""
+    if ACT == 2:
+        u = 0.7978845608028654 * (z + 0.044715 * z * z * z)  # sqrt(2/pi) (z + 0.044715 z^3)
+        return 0.5 * z * (1.0 + (2.0 * tl.sigmoid(2.0 * u) - 1.0))  # tanh(u) = 2 sigmoid(2u) - 1
+    elif ACT == 3:
+        return z * tl.sigmoid(1.702 * z)
+    elif ACT == 4:
+        return z * tl.sigmoid(z)
+    else:
+        return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))  # 1/sqrt(2)
+
+
+@triton.jit
+def _gelu_grad(z, ACT: tl.constexpr = 1):
+    """The derivative of activation ACT (see _gelu) of an fp32 tile; exact GELU: Phi(z) + z phi(z)."""
+    if ACT == 2:
+        u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        t = 2.0 * tl.sigmoid(2.0 * u) - 1.0
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
+    elif ACT == 3:
+        sg = tl.sigmoid(1.702 * z)
+        return sg + 1.702 * z * sg * (1.0 - sg)
+    elif ACT == 4:
+        sg = tl.sigmoid(z)
+        return sg * (1.0 + z * (1.0 - sg))
+    else:
+        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))  # 1/sqrt(2)
+        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327  # 1/sqrt(2 pi)
+        return cdf + z * pdf
 
 
 @triton.heuristics({"EVEN_S": lambda args: args["S"] % args["BLOCK_S"] == 0})
@@ -115,8 +142,9 @@ def _linear_gemm_kernel(
     DGELU: tl.constexpr,  # multiply the product by GELU'(z) first (dz = (dy W2) * GELU'(z))
     HAS_BIAS: tl.constexpr,  # add bias[q] to every row
     SAVE_Z: tl.constexpr,  # store the pre-activation (for the GELU backward)
-    GELU: tl.constexpr,  # apply exact-erf GELU after the bias
+    GELU: tl.constexpr,  # apply the activation after the bias
     HAS_RES: tl.constexpr,  # add residual after the activation
+    ACT: tl.constexpr,  # which activation GELU, DGELU and PRO_GELU mean (ACT_IDS; 1: exact-erf GELU)
     COLSUM: tl.constexpr,  # write partial column sums of out (a bias gradient, stage 1)
     IEEE: tl.constexpr,  # fp32 operands: full-precision dot (no TF32)
     BLOCK_P: tl.constexpr,
@@ -177,14 +205,14 @@ def _linear_gemm_kernel(
             a = ((a.to(tl.float32) - mean_a[:, None]) * rstd_a[:, None] * gamma_a[None, :]
                  + beta_a[None, :]).to(b_ptr.dtype.element_ty)
         if A_PRO == 2:
-            a = _gelu(a.to(tl.float32)).to(b_ptr.dtype.element_ty)
+            a = _gelu(a.to(tl.float32), ACT).to(b_ptr.dtype.element_ty)
         if B_PRO == 1:
             mean_b = tl.load(mean_ptr + s0 + offs_s, mask=mask_s, other=0.0)
             rstd_b = tl.load(rstd_ptr + s0 + offs_s, mask=mask_s, other=0.0)
             b = (b.to(tl.float32) - mean_b[:, None]) * rstd_b[:, None] * gamma_b[None, :] + beta_b[None, :]
             b = tl.where(mask_s[:, None], b, 0.0).to(a_ptr.dtype.element_ty)
         if B_PRO == 2:
-            b = _gelu(b.to(tl.float32)).to(a_ptr.dtype.element_ty)
+            b = _gelu(b.to(tl.float32), ACT).to(a_ptr.dtype.element_ty)
         if IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
@@ -201,14 +229,14 @@ def _linear_gemm_kernel(
         offs_half = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q // 2)
         _epilogue(halves[0], offs_p, offs_half, pid_p, P, Q, out_ptr, bias_ptr, res_ptr, z_ptr, partial_ptr,
                   stride_op, stride_oq, stride_rp, stride_rq, stride_zp, stride_zq,
-                  DGELU, HAS_BIAS, SAVE_Z, GELU, HAS_RES, COLSUM, BLOCK_P)
+                  DGELU, HAS_BIAS, SAVE_Z, GELU, HAS_RES, COLSUM, BLOCK_P, ACT)
         _epilogue(halves[1], offs_p, offs_half + BLOCK_Q // 2, pid_p, P, Q, out_ptr, bias_ptr, res_ptr, z_ptr,
                   partial_ptr, stride_op, stride_oq, stride_rp, stride_rq, stride_zp, stride_zq,
-                  DGELU, HAS_BIAS, SAVE_Z, GELU, HAS_RES, COLSUM, BLOCK_P)
+                  DGELU, HAS_BIAS, SAVE_Z, GELU, HAS_RES, COLSUM, BLOCK_P, ACT)
     else:
         _epilogue(acc, offs_p, offs_q, pid_p, P, Q, out_ptr, bias_ptr, res_ptr, z_ptr, partial_ptr,
                   stride_op, stride_oq, stride_rp, stride_rq, stride_zp, stride_zq,
-                  DGELU, HAS_BIAS, SAVE_Z, GELU, HAS_RES, COLSUM, BLOCK_P)
+                  DGELU, HAS_BIAS, SAVE_Z, GELU, HAS_RES, COLSUM, BLOCK_P, ACT)
 
 
 @triton.jit
@@ -220,7 +248,7 @@ def _epilogue(
     out_ptr, bias_ptr, res_ptr, z_ptr, partial_ptr,  # as in _linear_gemm_kernel
     stride_op, stride_oq, stride_rp, stride_rq, stride_zp, stride_zq,
     DGELU: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_Z: tl.constexpr, GELU: tl.constexpr,
-    HAS_RES: tl.constexpr, COLSUM: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_RES: tl.constexpr, COLSUM: tl.constexpr, BLOCK_P: tl.constexpr, ACT: tl.constexpr,
 ):
     """All in fp32: [z = acc * GELU'(z_saved)]; z += bias; [store z]; y = GELU(z); y += residual; store y;
     [partial column sums of the stored y]."""
@@ -232,14 +260,14 @@ def _epilogue(
     z = acc
     if DGELU:
         zs = tl.load(z_ptr + rows * stride_zp + cols * stride_zq, mask=mask, other=0.0).to(tl.float32)
-        z = z * _gelu_grad(zs)
+        z = z * _gelu_grad(zs, ACT)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_q, mask=mask_q, other=0.0).to(tl.float32)
         z = z + bias[None, :]
     if SAVE_Z:
         tl.store(z_ptr + rows * stride_zp + cols * stride_zq, z.to(z_ptr.dtype.element_ty), mask=mask)
     if GELU:
-        y = _gelu(z)
+        y = _gelu(z, ACT)
     else:
         y = z
     if HAS_RES:
@@ -273,6 +301,7 @@ def _linear_bwd_dz_kernel(
     ROWS_PER_PROG,  # rows handled by one program, a multiple of BLOCK_R
     GELU: tl.constexpr,  # dz = dy * GELU'(z) (else dz = dy, nothing written)
     PARTIAL: tl.constexpr,  # accumulate and store the column sums
+    ACT: tl.constexpr,  # which activation (ACT_IDS)
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
@@ -291,7 +320,7 @@ def _linear_bwd_dz_kernel(
         dz = tl.load(dy_ptr + rows * stride_dyr + cols * stride_dym, mask=mask, other=0.0).to(tl.float32)
         if GELU:
             z = tl.load(z_ptr + rows * stride_zr + cols * stride_zm, mask=mask, other=0.0).to(tl.float32)
-            dz = dz * _gelu_grad(z)
+            dz = dz * _gelu_grad(z, ACT)
             tl.store(dz_ptr + rows * M + cols, dz.to(dz_ptr.dtype.element_ty), mask=mask)
         if PARTIAL:
             acc += dz
@@ -407,7 +436,7 @@ def _prune_configs(configs, named_args, **kwargs):
 
 _linear_gemm_kernel_tuned = autotune(
     _gpu_configs(),
-    ["P", "Q", "S", "stride_as", "stride_bq", "A_PRO", "B_PRO", "DGELU", "GELU", "HAS_RES", "COLSUM"],
+    ["P", "Q", "S", "stride_as", "stride_bq", "A_PRO", "B_PRO", "DGELU", "GELU", "HAS_RES", "COLSUM", "ACT"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_linear_gemm_kernel)
 
@@ -453,7 +482,7 @@ def split_count(P, Q, S, device) -> int:
 
 
 def _gemm(a, b, out, bias=None, residual=None, z=None, gelu=False, a_pro=PRO_NONE, b_pro=PRO_NONE, ln=None,
-          dgelu_z=None, colsum=None, split_k=False):
+          dgelu_z=None, colsum=None, split_k=False, act=1):
     """out[P, Q] = epilogue(a'[P, S] @ b'[S, Q]); returns out.
 
     a, b: read through their strides; a' / b' are a / b after their prologue (``a_pro`` / ``b_pro``: PRO_NONE,
@@ -490,7 +519,7 @@ def _gemm(a, b, out, bias=None, residual=None, z=None, gelu=False, a_pro=PRO_NON
         res.stride(0), res.stride(1), zt.stride(0), zt.stride(1),
     )
     flags = dict(A_PRO=a_pro, B_PRO=b_pro, DGELU=dgelu_z is not None, HAS_BIAS=bias is not None,
-                 SAVE_Z=z is not None, GELU=gelu, HAS_RES=residual is not None, COLSUM=colsum is not None,
+                 SAVE_Z=z is not None, GELU=gelu, HAS_RES=residual is not None, COLSUM=colsum is not None, ACT=act,
                  IEEE=a.dtype == torch.float32 and b.dtype == torch.float32)
     if triton_interpreter():
         blocks, warps = interp_config(P, Q, S)
@@ -511,18 +540,20 @@ def _gemm(a, b, out, bias=None, residual=None, z=None, gelu=False, a_pro=PRO_NON
 def linear_fwd(x2d, weight, bias, residual, activation, save_z):
     """y (R, M) = act(x2d @ weight^T + bias) + residual, and z (R, M) when save_z (else an empty tensor).
 
-    x2d (R, K) and weight (M, K), residual (R, M) or None: any strides. activation: "none" or "gelu".
+    x2d (R, K) and weight (M, K), residual (R, M) or None: any strides. activation: "none" or a key of
+    ACT_IDS.
     """
     R = x2d.shape[0]
     M = weight.shape[0]
-    gelu = activation == "gelu"
+    act = ACT_IDS.get(activation, 0)
     y = torch.empty((R, M), device=x2d.device, dtype=x2d.dtype)
-    z = torch.empty((R, M) if gelu and save_z else (0,), device=x2d.device, dtype=x2d.dtype)
-    _gemm(x2d, weight.t(), y, bias=bias, residual=residual, z=z if z.numel() else None, gelu=gelu)
+    z = torch.empty((R, M) if act and save_z else (0,), device=x2d.device, dtype=x2d.dtype)
+    _gemm(x2d, weight.t(), y, bias=bias, residual=residual, z=z if z.numel() else None, gelu=act != 0,
+          act=max(act, 1))
     return y, z
 
 
-def _dz_and_dbias(dy, z, gelu, need_db):
+def _dz_and_dbias(dy, z, gelu, need_db, act=1):
     """dz = dy * GELU'(z) (or dy itself) and db = column sums of dz (fp32 two-stage, or None)."""
     R, M = dy.shape
     if not gelu and not need_db:
@@ -546,7 +577,7 @@ def _dz_and_dbias(dy, z, gelu, need_db):
         _linear_bwd_dz_kernel[(groups, num_m)](
             dy, zt, dz, partial if need_db else dy, R, M,
             dy.stride(0), dy.stride(1), zt.stride(0), zt.stride(1), rows_per_prog,
-            GELU=gelu, PARTIAL=need_db, BLOCK_R=block_r, BLOCK_M=block_m, num_warps=warps,
+            GELU=gelu, PARTIAL=need_db, ACT=act, BLOCK_R=block_r, BLOCK_M=block_m, num_warps=warps,
         )
     # Stage 2: a deterministic sum over the few row groups.
     db = partial.sum(0).to(dy.dtype) if need_db else None
@@ -558,12 +589,12 @@ def linear_bwd(dy, x2d, weight, z, activation, needs_dx, needs_dw, needs_db):
     asked for (an op's outputs may not alias).
 
     dy (R, M), x2d (R, K), weight (M, K): any strides. z (R, M): the saved pre-activation when
-    activation == "gelu" (else unused).
+    activation is not "none" (else unused).
     """
-    gelu = activation == "gelu"
-    if gelu and (z is None or z.shape != dy.shape):
-        raise RuntimeError("vitkernels linear backward with GELU needs the saved pre-activation z")
-    dz, db = _dz_and_dbias(dy, z, gelu, needs_db)
+    act = ACT_IDS.get(activation, 0)
+    if act and (z is None or z.shape != dy.shape):
+        raise RuntimeError(f"vitkernels linear backward with {activation} needs the saved pre-activation z")
+    dz, db = _dz_and_dbias(dy, z, act != 0, needs_db, max(act, 1))
     dx = dw = None
     if needs_dx:
         dx = _gemm(dz, weight, torch.empty(x2d.shape, device=x2d.device, dtype=x2d.dtype))
@@ -573,7 +604,7 @@ def linear_bwd(dy, x2d, weight, z, activation, needs_dx, needs_dw, needs_db):
 
 
 # --------------------------------------------------------------------------------------------- registration
-def why_not_supported(device: torch.device, dtype: torch.dtype) -> str | None:
+def why_not_supported(device: torch.device, dtype: torch.dtype, activation: str = "none") -> str | None:
     """The kernels' limits (None when these inputs run here)."""
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"triton linear runs fp32/fp16/bf16 (tl.dot), got {dtype}"
