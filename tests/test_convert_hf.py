@@ -234,6 +234,41 @@ def test_dinov2_registers_off_grid():
             _close(model.forward_features(x), src(pixel_values=x).last_hidden_state)
 
 
+# -- the real sizes ----------------------------------------------------------------------------------------------
+HUB = {  # timm model name: (HF class, HF config kwargs of the hub checkpoint timm converts from)
+    "vit_small_patch14_dinov2": ("Dinov2Model", "Dinov2Config",
+                                 dict(hidden_size=384, num_attention_heads=6, image_size=518, patch_size=14)),
+    "vit_giant_patch14_dinov2": ("Dinov2Model", "Dinov2Config",
+                                 dict(hidden_size=1536, num_hidden_layers=40, num_attention_heads=24, image_size=518,
+                                      patch_size=14, use_swiglu_ffn=True)),
+    "vit_base_patch14_reg4_dinov2": ("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig",
+                                     dict(hidden_size=768, image_size=518, patch_size=14)),
+    "vit_base_patch16_siglip_224": ("SiglipVisionModel", "SiglipVisionConfig", dict()),
+    "vit_so400m_patch14_siglip_384": ("SiglipVisionModel", "SiglipVisionConfig",
+                                      dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                                           num_attention_heads=16, image_size=384, patch_size=14)),
+    "vit_base_patch16_siglip_256": ("Siglip2VisionModel", "Siglip2VisionConfig", dict()),  # NaFlex, 16 x 16
+}
+
+
+@pytest.mark.parametrize("name", list(HUB))
+def test_timm_hub_layout(name):
+    """At the hub checkpoints' sizes (built on the meta device: no memory, no download), the converted
+    state_dict has exactly the keys and shapes of timm's own model of that name, so the kwargs describe it."""
+    import timm
+
+    cls, cfg_cls, cfg = HUB[name]
+    with torch.device("meta"):
+        src = getattr(transformers, cls)(getattr(transformers, cfg_cls)(**cfg))
+    kwargs, sd = hf_to_timm(src)
+    own = timm.create_model(name, pretrained=False, num_classes=0, device="meta").state_dict()
+    assert sorted(sd) == sorted(own)
+    assert [k for k in own if own[k].shape != sd[k].shape] == []
+    with torch.device("meta"):
+        assert {k: v.shape for k, v in timm_vit.VisionTransformer(**kwargs).state_dict().items()} == \
+            {k: v.shape for k, v in own.items()}
+
+
 # -- errors ---------------------------------------------------------------------------------------------------
 def test_errors():
     cfg = transformers.Dinov2Config(**TINY, image_size=28, patch_size=14)

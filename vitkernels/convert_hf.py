@@ -234,6 +234,10 @@ def _dinov2(state_dict: dict, cfg, registers: bool) -> tuple[dict, dict]:
     else:
         mlp = dict(act_layer=_act(cfg.hidden_act))
     img, patch = _pair(cfg.image_size), _pair(cfg.patch_size)
+    grid = (img[0] // patch[0]) * (img[1] // patch[1])
+    if pos.shape[1] != 1 + grid:
+        raise ValueError(f"hf_state_dict_to_timm: image_size {cfg.image_size} / patch_size {cfg.patch_size} give "
+                         f"{grid} patches, the checkpoint has {pos.shape[1] - 1} patch positions")
     kwargs = dict(
         img_size=img if img[0] != img[1] else img[0], patch_size=patch if patch[0] != patch[1] else patch[0],
         in_chans=conv.shape[1], num_classes=0, global_pool="token", embed_dim=dim, depth=depth,
