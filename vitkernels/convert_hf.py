@@ -47,6 +47,10 @@ at the native patch count); Dinov2WithRegistersModel resizes bicubic *with* anti
 refuses other sizes unless ``interpolate_pos_encoding=True``, then bicubic without antialias; Siglip2 resizes
 bilinear with antialias per image. So only the registers model keeps matching timm off its native grid.
 
+Activation. HF's SigLIP uses hidden_act='gelu_pytorch_tanh' (big_vision's default), so the kwargs say
+act_layer='gelu_tanh'; timm's registered ``vit_*_siglip_*`` models are built with exact GELU instead, so loading
+this state_dict into ``timm.create_model('vit_base_patch16_siglip_224')`` gives nearly, not exactly, HF's output.
+
 Training mode is not claimed equal: HF's DINOv2 applies one drop-path rate to every layer where timm's
 ``drop_path_rate`` rises linearly over depth, and the dropout placements differ.
 """
