@@ -1,15 +1,16 @@
-// Linear with a fused epilogue: out = act(x W^T + b) + residual, act = exact (erf) GELU or identity.
+// Linear with a fused epilogue: out = act(x W^T + b) + residual, act = exact (erf) GELU, tanh-GELU, QuickGELU,
+// SiLU (activations.h) or identity.
 // Argument checks, schemas and the C++ CPU twin; the CUDA version is in linear_kernel.cu. Both run the GEMM
 // through ATen (cuBLAS on CUDA, fp32 at::matmul here) and do the epilogue in their own loop / kernel.
 //
-// Forward:  h = x W^T + b (the pre-activation, saved in x's dtype for the backward when act is GELU),
-//           out = gelu(h) + residual.
-// Backward: dh = dout * gelu'(h)  (dout without GELU), gelu'(h) = Phi(h) + h * phi(h),
-//           Phi(h) = (1 + erf(h / sqrt 2)) / 2,  phi(h) = exp(-h^2 / 2) / sqrt(2 pi);
+// Forward:  h = x W^T + b (the pre-activation, saved in x's dtype for the backward when there is an act),
+//           out = act(h) + residual.
+// Backward: dh = dout * act'(h)  (dout without an activation; act' in activations.h),
 //           dbias = column sums of dh, dx = dh W, dW = dh^T x, dresidual = dout (done in Python).
 #include <ATen/Parallel.h>
 #include <cmath>
 
+#include "activations.h"
 #include "checks.h"
 
 namespace vitkernels {
@@ -30,11 +31,17 @@ void check_linear_fwd(const at::Tensor& x, const at::Tensor& weight, const std::
   VK_CHECK_OPTIONAL(residual, x, out_shape);
 }
 
-// The epilogue's activation: "gelu" (exact erf) or "none"; true for GELU.
-bool check_activation(c10::string_view activation) {
-  VK_CHECK(activation == "gelu" || activation == "none", "activation must be 'none' or 'gelu', got ",
+// The epilogue's activation by name ("none", "gelu" (exact erf), "gelu_tanh", "quick_gelu", "silu") -> its id
+// in activations.h (0 for none).
+int check_activation(c10::string_view activation) {
+  if (activation == "none") return kActNone;
+  if (activation == "gelu") return kActGelu;
+  if (activation == "gelu_tanh") return kActGeluTanh;
+  if (activation == "quick_gelu") return kActQuickGelu;
+  if (activation == "silu") return kActSilu;
+  VK_CHECK(false, "activation must be 'none', 'gelu', 'gelu_tanh', 'quick_gelu' or 'silu', got ",
            std::string(activation));
-  return activation == "gelu";
+  return kActNone;
 }
 
 void check_linear_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
@@ -50,20 +57,13 @@ void check_linear_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at:
 
 namespace {
 
-float gelu(float h) { return 0.5f * h * (1.0f + std::erf(h * static_cast<float>(M_SQRT1_2))); }
-
-float gelu_grad(float h) {
-  const float cdf = 0.5f * (1.0f + std::erf(h * static_cast<float>(M_SQRT1_2)));
-  const float pdf = std::exp(-0.5f * h * h) * static_cast<float>(0.5 * M_2_SQRTPI * M_SQRT1_2);
-  return cdf + h * pdf;
-}
-
 std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                   const std::optional<at::Tensor>& bias,
                                                   const std::optional<at::Tensor>& residual,
                                                   c10::string_view activation, bool save_z) {
   check_linear_fwd(x, weight, bias, residual);
-  const bool gelu_act = check_activation(activation);
+  const int act = check_activation(activation);
+  const bool gelu_act = act != kActNone;
   VK_CHECK(x.is_cpu(), "linear_fwd CPU kernel got a tensor on ", x.device());
   const int64_t K = x.size(-1), M = weight.size(0), R = x.numel() / K;
   std::vector<int64_t> out_shape = x.sizes().vec();
@@ -85,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
           float v = hp[i] + (bp ? static_cast<float>(bp[j]) : 0.0f);
           if (gelu_act) {
             if (pp) pp[i] = static_cast<scalar_t>(v);
-            v = gelu(v);
+            v = act_fwd(v, act);
           }
           if (rp) v += static_cast<float>(rp[i]);
           op[i] = static_cast<scalar_t>(v);
@@ -102,11 +102,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& 
                                                               c10::string_view activation, bool needs_dx,
                                                               bool needs_dw, bool needs_db) {
   check_linear_bwd(grad_out, x, weight, preact);
-  const bool gelu_act = check_activation(activation);
-  VK_CHECK(!gelu_act || preact.has_value(), "linear_bwd with GELU needs the saved pre-activation z");
+  const int act = check_activation(activation);
+  const bool gelu_act = act != kActNone;
+  VK_CHECK(!gelu_act || preact.has_value(), "linear_bwd with an activation needs the saved pre-activation z");
   VK_CHECK(x.is_cpu(), "linear_bwd CPU kernel got a tensor on ", x.device());
   const int64_t K = x.size(-1), M = weight.size(0), R = x.numel() / K;
-  // dh = dout * gelu'(h) in fp32, and the bias gradient as column sums (double).
+  // dh = dout * act'(h) in fp32, and the bias gradient as column sums (double).
   // A copy even for fp32 input (dh is scaled in place below; grad_out must stay untouched).
   at::Tensor dh = grad_out.reshape({R, M}).to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
   at::Tensor dbias64 = at::zeros({M}, x.options().dtype(at::kDouble));
@@ -115,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& 
     const scalar_t* pp = gelu_act ? preact->const_data_ptr<scalar_t>() : nullptr;
     if (pp) {
       at::parallel_for(0, R * M, 4096, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) dhp[i] *= gelu_grad(static_cast<float>(pp[i]));
+        for (int64_t i = begin; i < end; ++i) dhp[i] *= act_grad(static_cast<float>(pp[i]), act);
       });
     }
     if (needs_db) {

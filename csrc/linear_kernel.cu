@@ -1,13 +1,14 @@
 // Linear + fused epilogue CUDA implementation; the math, checks and CPU twin are in linear.cpp.
 //
-// Why not cuBLASLt's epilogues: CUBLASLT_EPILOGUE_GELU_AUX_BIAS computes the tanh approximation of GELU,
-// while this op (and timm's nn.GELU()) is the exact erf GELU, and cuBLASLt has no epilogue adding a residual
-// after the activation. So the GEMM is cuBLAS through at::mm (fp32 accumulation; fp16/bf16 tensor cores on
-// sm80+), and one elementwise kernel of ours applies bias + erf-GELU + residual. Cost of that choice: the GEMM
+// Why not cuBLASLt's epilogues: CUBLASLT_EPILOGUE_GELU_AUX_BIAS computes the tanh approximation of GELU only,
+// while this op's default (and timm's nn.GELU()) is the exact erf GELU, QuickGELU / SiLU have no cuBLASLt
+// epilogue, and cuBLASLt has no epilogue adding a residual after the activation. So the GEMM is cuBLAS through
+// at::mm (fp32 accumulation; fp16/bf16 tensor cores on sm80+), and one elementwise kernel of ours applies bias +
+// activation (activations.h) + residual. Cost of that choice: the GEMM
 // result makes one extra round trip through memory (write, then read by the epilogue) compared with a fused
 // epilogue; at ViT-B MLP shapes that is about R*M*4 bytes next to a 2*R*M*K-flop GEMM (K = 768 or 3072).
 //
-// Backward: one kernel computes dh = dout * gelu'(h) and the bias gradient together (two-stage column sums:
+// Backward: one kernel computes dh = dout * act'(h) and the bias gradient together (two-stage column sums:
 // fp32 partials per row group, then an ATen sum over groups; no atomics, deterministic), then cuBLAS GEMMs
 // dx = dh W and dW = dh^T x.
 // c10 CUDA headers only: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers that a bare CUDA
@@ -17,6 +18,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "activations.h"
 #include "checks.h"
 
 namespace vitkernels {
@@ -26,7 +28,7 @@ void check_linear_fwd(const at::Tensor& x, const at::Tensor& weight, const std::
                       const std::optional<at::Tensor>& residual);
 void check_linear_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                       const std::optional<at::Tensor>& preact);
-bool check_activation(c10::string_view activation);
+int check_activation(c10::string_view activation);
 
 namespace {
 
@@ -34,15 +36,7 @@ constexpr int kThreads = 256;   // elementwise kernels
 constexpr int kColTile = 32;    // bias-gradient stage 1: columns per block
 constexpr int kRowThreads = 8;  // bias-gradient stage 1: threads along rows per block
 
-__device__ __forceinline__ float gelu(float h) { return 0.5f * h * (1.f + erff(h * 0.70710678118654752f)); }
-
-__device__ __forceinline__ float gelu_grad(float h) {
-  const float cdf = 0.5f * (1.f + erff(h * 0.70710678118654752f));
-  const float pdf = expf(-0.5f * h * h) * 0.39894228040143268f;  // exp(-h^2/2) / sqrt(2 pi)
-  return cdf + h * pdf;
-}
-
-// out = act(h + bias) + residual over (R, M) elements. With GELU the pre-activation h + bias is written back
+// out = act(h + bias) + residual over (R, M) elements. With an activation the pre-activation h + bias is written back
 // into h (saved for the backward); without it, out may be h itself (in place).
 template <typename T, bool GELU>
 __global__ void linear_epilogue_kernel(T* h,                            // (R, M) GEMM result x W^T
@@ -50,28 +44,30 @@ __global__ void linear_epilogue_kernel(T* h,                            // (R, M
                                        const T* __restrict__ residual,  // (R, M) or nullptr
                                        T* out,                          // (R, M) output
                                        int64_t total,                   // R * M
-                                       int64_t M) {
+                                       int64_t M,
+                                       int act) {                       // activations.h id (GELU: > 0)
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float v = static_cast<float>(h[i]);
     if (bias != nullptr) v += static_cast<float>(bias[i % M]);
     if (GELU) {
       h[i] = static_cast<T>(v);
-      v = gelu(v);
+      v = act_fwd(v, act);
     }
     if (residual != nullptr) v += static_cast<float>(residual[i]);
     out[i] = static_cast<T>(v);
   }
 }
 
-// dh = dout * gelu'(preact) (GELU) and stage 1 of dbias: block (kColTile, kRowThreads) sums dh over rows
+// dh = dout * act'(preact) (GELU: any activation) and stage 1 of dbias: block (kColTile, kRowThreads) sums dh over rows
 // [blockIdx.y * rows_per_group, ...) of its columns into partial[blockIdx.y][c] (when partial != nullptr).
 template <typename T, bool GELU>
 __global__ void linear_bwd_epilogue_kernel(const T* __restrict__ grad_out,  // (R, M)
                                            const T* __restrict__ preact,    // (R, M) when GELU
                                            T* __restrict__ dh,              // (R, M) output when GELU
                                            float* __restrict__ partial,     // (G, M) or nullptr
-                                           int64_t R, int64_t M, int64_t rows_per_group) {
+                                           int64_t R, int64_t M, int64_t rows_per_group,
+                                           int act) {  // activations.h id
   __shared__ float sacc[kRowThreads][kColTile + 1];
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kColTile + threadIdx.x;
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * rows_per_group;
@@ -82,7 +78,7 @@ __global__ void linear_bwd_epilogue_kernel(const T* __restrict__ grad_out,  // (
       const int64_t i = r * M + c;
       float d = static_cast<float>(grad_out[i]);
       if (GELU) {
-        d *= gelu_grad(static_cast<float>(preact[i]));
+        d *= act_grad(static_cast<float>(preact[i]), act);
         dh[i] = static_cast<T>(d);
       }
       acc += d;
@@ -106,7 +102,8 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cuda(const at::Tensor& x, const at
                                                    const std::optional<at::Tensor>& residual,
                                                    c10::string_view activation, bool save_z) {
   check_linear_fwd(x, weight, bias, residual);
-  const bool gelu_act = check_activation(activation);
+  const int act = check_activation(activation);
+  const bool gelu_act = act != kActNone;
   VK_CHECK(x.is_cuda(), "linear_fwd CUDA kernel got a tensor on ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t K = x.size(-1), M = weight.size(0), R = x.numel() / K;
@@ -123,9 +120,9 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cuda(const at::Tensor& x, const at
       scalar_t* hp = h.mutable_data_ptr<scalar_t>();
       scalar_t* op = out.mutable_data_ptr<scalar_t>();
       if (gelu_act) {
-        linear_epilogue_kernel<scalar_t, true><<<elementwise_blocks(total), kThreads, 0, stream>>>(hp, bp, rp, op, total, M);
+        linear_epilogue_kernel<scalar_t, true><<<elementwise_blocks(total), kThreads, 0, stream>>>(hp, bp, rp, op, total, M, act);
       } else {
-        linear_epilogue_kernel<scalar_t, false><<<elementwise_blocks(total), kThreads, 0, stream>>>(hp, bp, rp, op, total, M);
+        linear_epilogue_kernel<scalar_t, false><<<elementwise_blocks(total), kThreads, 0, stream>>>(hp, bp, rp, op, total, M, act);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -140,8 +137,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cuda(const at::Tensor&
                                                                c10::string_view activation, bool needs_dx,
                                                                bool needs_dw, bool needs_db) {
   check_linear_bwd(grad_out, x, weight, preact);
-  const bool gelu_act = check_activation(activation);
-  VK_CHECK(!gelu_act || preact.has_value(), "linear_bwd with GELU needs the saved pre-activation z");
+  const int act = check_activation(activation);
+  const bool gelu_act = act != kActNone;
+  VK_CHECK(!gelu_act || preact.has_value(), "linear_bwd with an activation needs the saved pre-activation z");
   VK_CHECK(x.is_cuda(), "linear_bwd CUDA kernel got a tensor on ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t K = x.size(-1), M = weight.size(0), R = x.numel() / K;
@@ -160,10 +158,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cuda(const at::Tensor&
       float* pp = needs_db ? partial.mutable_data_ptr<float>() : nullptr;
       if (gelu_act) {
         linear_bwd_epilogue_kernel<scalar_t, true><<<grid, block, 0, stream>>>(
-            gp, preact->const_data_ptr<scalar_t>(), dh.mutable_data_ptr<scalar_t>(), pp, R, M, rows_per_group);
+            gp, preact->const_data_ptr<scalar_t>(), dh.mutable_data_ptr<scalar_t>(), pp, R, M, rows_per_group, act);
       } else {
         linear_bwd_epilogue_kernel<scalar_t, false><<<grid, block, 0, stream>>>(gp, nullptr, nullptr, pp, R, M,
-                                                                                rows_per_group);
+                                                                                rows_per_group, act);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -65,10 +65,10 @@ def _ln_linear(backend, x, ln_weight, ln_bias, weight, bias):
     return ops.ln_linear(x, ln_weight, ln_bias, weight, bias, eps=EPS, backend=backend)
 
 
-def _ln_mlp(add_input):
+def _ln_mlp(add_input, activation="gelu"):
     def fn(backend, x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
         return ops.ln_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=EPS,
-                          add_input=add_input, backend=backend)
+                          add_input=add_input, activation=activation, backend=backend)
 
     return fn
 
@@ -132,6 +132,22 @@ def _ln_mlp_tensors(lead, C, H, dtype, affine=True, bias=True):
 def test_ln_mlp(backend, dtype, case):
     lead, C, H, affine, bias, add = case
     _check(_ln_mlp(add), _ln_mlp_tensors(lead, C, H, dtype, affine, bias), backend, rerun=lead in ((1,), (7,)))
+
+
+@pytest.mark.parametrize("backend", LN_MLP)
+@pytest.mark.parametrize("activation", ["gelu_tanh", "quick_gelu", "silu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ln_mlp_other_activations(backend, activation, dtype):
+    """The other families' activations (SigLIP2's tanh-GELU, CLIP's QuickGELU, SiLU) through the whole fused
+    MLP: the fc1 epilogue, the activation prologue of fc2 and of dW2, and act'(z) in the dz GEMM's epilogue;
+    N = 197 rows, odd widths, every gradient."""
+    _check(_ln_mlp(True, activation), _ln_mlp_tensors((1, 197), 40, 72, dtype), backend)
+
+
+def test_ln_mlp_rejects_unknown_activation():
+    t = _ln_mlp_tensors((3,), 8, 16, torch.float32)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        ops.ln_mlp(*t.values(), activation="relu", backend="torch")
 
 
 @pytest.mark.parametrize("backend", LN_MLP)

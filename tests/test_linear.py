@@ -85,20 +85,15 @@ def test_linear(backend, dtype, case):
     _check(backend, x, w, b, r, activation, rerun=lead in ((7,), (2, 7)))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activation", ["gelu_tanh", "quick_gelu", "silu"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_linear_other_activations(activation, dtype):
-    """The epilogue activations of the other ViT families (tanh-GELU, QuickGELU, SiLU) on the triton backend,
-    forward and every gradient, N = 197 rows, odd widths, bias + residual; the cuda backend refuses them with
-    its reason, ``auto`` passes it over."""
-    require_backend("triton", "linear")
+def test_linear_other_activations(backend, activation, dtype):
+    """The epilogue activations of the other ViT families (tanh-GELU, QuickGELU, SiLU) on each fused backend
+    (triton's GEMM epilogue; the cuda backend's epilogue kernel, csrc/activations.h), forward and every
+    gradient, N = 197 rows, odd widths, bias + residual."""
     x, w, b, r = _inputs((197,), 200, 72, dtype, bias=True, residual=True)
-    _check("triton", x, w, b, r, activation, rerun=False)
-    from vitkernels.backends import BackendError, why_not
-
-    if why_not("cuda", x.device) is None:
-        with pytest.raises(BackendError, match="exact GELU only"):
-            ops.linear(x, w, b, activation=activation, backend="cuda")
+    _check(backend, x, w, b, r, activation, rerun=False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -20,8 +20,6 @@ def why_not_supported(device: torch.device, dtype: torch.dtype, activation: str 
     """The kernels' limits (None when these inputs run here)."""
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"cuda linear runs fp32/fp16/bf16, got {dtype}"
-    if activation not in ("none", "gelu"):
-        return f"cuda linear's epilogue has exact GELU only, not {activation!r} (the triton backend has it)"
     return None
 
 

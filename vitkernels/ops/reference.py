@@ -63,17 +63,23 @@ def attention_qkv(qkv, num_heads, scale):
     return F.scaled_dot_product_attention(*split_qkv(qkv, num_heads), scale=scale)
 
 
+def activate(y, activation):
+    """The epilogue activations by name, as timm computes them: "gelu" (exact erf), "gelu_tanh", "quick_gelu"
+    (y sigmoid(1.702 y), OpenAI CLIP), "silu"; None / "none": y itself."""
+    if activation == "gelu":
+        return F.gelu(y)
+    if activation == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    if activation == "quick_gelu":
+        return y * torch.sigmoid(1.702 * y)
+    if activation == "silu":
+        return F.silu(y)
+    return y
+
+
 def linear(x, weight, bias, activation, residual):
     """x (..., K), weight (M, K) -> act(x W^T + b) + residual, (..., M)."""
-    y = F.linear(x, weight, bias)
-    if activation == "gelu":
-        y = F.gelu(y)
-    elif activation == "gelu_tanh":
-        y = F.gelu(y, approximate="tanh")
-    elif activation == "quick_gelu":
-        y = y * torch.sigmoid(1.702 * y)
-    elif activation == "silu":
-        y = F.silu(y)
+    y = activate(F.linear(x, weight, bias), activation)
     if residual is not None:
         y = y + residual
     return y
@@ -84,8 +90,8 @@ def ln_linear(x, ln_weight, ln_bias, eps, weight, bias):
     return F.linear(F.layer_norm(x, x.shape[-1:], ln_weight, ln_bias, eps), weight, bias)
 
 
-def ln_mlp(x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, add_input):
-    """x (..., C) -> fc2(GELU(fc1(LN(x)))) [+ x], (..., O): timm's norm2 -> Mlp (-> residual add)."""
-    h = F.gelu(F.linear(F.layer_norm(x, x.shape[-1:], ln_weight, ln_bias, eps), fc1_weight, fc1_bias))
+def ln_mlp(x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, add_input, activation):
+    """x (..., C) -> fc2(act(fc1(LN(x)))) [+ x], (..., O): timm's norm2 -> Mlp (-> residual add)."""
+    h = activate(F.linear(F.layer_norm(x, x.shape[-1:], ln_weight, ln_bias, eps), fc1_weight, fc1_bias), activation)
     y = F.linear(h, fc2_weight, fc2_bias)
     return y + x if add_input else y
