@@ -2,14 +2,14 @@
 //
 // Design (the simple correct one, stated honestly): a gather kernel copies the P x P patches of the NCHW
 // images (any strides) into a (B*N, C*P*P) buffer in the compute dtype, cuBLAS multiplies it by W^T, and an
-// epilogue kernel writes the tokens with bias, position embedding and the class-token row. The ideal design
+// epilogue kernel writes the tokens with bias, position embedding and the prefix-token rows. The ideal design
 // gathers a tile of patches straight into shared memory inside the GEMM and never materialises the buffer;
 // the price of ours is the buffer's round trip through memory: B*N*C*P*P elements written and read once,
 // the same size as the images themselves (about 1/4 of the GEMM's operand traffic at ViT-B/16), which is
 // small next to the rest of a ViT step, and it lets cuBLAS pick its best GEMM kernel.
 // Backward (patch_embed_bwd_common in patch_embed.cpp): G^T gather(images) for dweight (the buffer is
 // gathered again rather than saved), scatter(G W) for dimages only when asked for, ATen batch sums for
-// nothing else (dbias / dpos / dcls are batch sums taken by vitkernels/ops/patch_embed.py).
+// nothing else (dbias / dpos / dprefix_tokens are batch sums taken by vitkernels/ops/patch_embed.py).
 // c10 CUDA headers only: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers that a bare CUDA
 // toolkit may lack (the GEMMs go through at::mm, which needs none).
 #include <ATen/ATen.h>
@@ -25,13 +25,14 @@ namespace vitkernels {
 
 // Defined in patch_embed.cpp.
 void check_patch_embed_fwd(const at::Tensor& images, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                           const std::optional<at::Tensor>& pos_embed, const std::optional<at::Tensor>& cls_token);
+                           const std::optional<at::Tensor>& pos_embed,
+                           const std::optional<at::Tensor>& prefix_tokens);
 void check_patch_embed_bwd(const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight,
-                           bool has_cls);
+                           int64_t num_prefix);
 using PatchGather = std::function<at::Tensor(const at::Tensor& images, int64_t P, at::ScalarType dtype)>;
 using PatchScatter = std::function<at::Tensor(const at::Tensor& dpatches, const at::Tensor& images, int64_t P)>;
 std::tuple<at::Tensor, at::Tensor> patch_embed_bwd_common(
-    const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight, bool has_cls,
+    const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight, int64_t num_prefix,
     bool needs_dimages, bool needs_dw, at::ScalarType compute,
     const PatchGather& gather, const PatchScatter& scatter);
 
@@ -77,26 +78,28 @@ __global__ void scatter_patches_kernel(const T* __restrict__ dpatches,  // (B*N,
   }
 }
 
-// tokens[b, t, d]: the class token row (t < cls) or patch row n = t - cls of the GEMM result + bias + pos.
+// tokens[b, t, d]: prefix token row t (t < R) or patch row n = t - R of the GEMM result + bias + pos. The
+// prefix rows are B*R*D of the B*(R + N)*D outputs: one branch of this elementwise pass, no launch of their own.
 template <typename T>
 __global__ void patch_embed_epilogue_kernel(const T* __restrict__ h,    // (B*N, D) GEMM result
                                             const T* __restrict__ bias,  // (D,) or nullptr
                                             const T* __restrict__ pos,   // (T_pos, D) or nullptr
-                                            const T* __restrict__ cls_token,  // (D,) or nullptr
-                                            T* __restrict__ out,         // (B, T_out, D) output
-                                            int64_t total,               // B * T_out * D
+                                            const T* __restrict__ prefix,  // (R, D) prefix tokens, or nullptr
+                                            T* __restrict__ out,         // (B, R + N, D) output
+                                            int64_t total,               // B * (R + N) * D
                                             int64_t N, int64_t D,
-                                            int64_t cls,       // 1 with a class token, else 0
-                                            int64_t pos_off) {  // 1 when pos has N + 1 rows (row 0: cls)
-  const int64_t T_out = N + cls;
+                                            int64_t R,         // prefix tokens (0 without)
+                                            int64_t pos_off) {  // R when pos has R + N rows (rows 0..R-1: prefix)
+  const int64_t T_out = R + N;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t d = i % D, t = (i / D) % T_out, b = i / (D * T_out);
     float v;
-    if (t < cls) {
-      v = static_cast<float>(cls_token[d]) + (pos != nullptr && pos_off ? static_cast<float>(pos[d]) : 0.f);
+    if (t < R) {
+      v = static_cast<float>(prefix[t * D + d]) +
+          (pos != nullptr && pos_off ? static_cast<float>(pos[t * D + d]) : 0.f);
     } else {
-      const int64_t n = t - cls;
+      const int64_t n = t - R;
       v = static_cast<float>(h[(b * N + n) * D + d]);
       if (bias != nullptr) v += static_cast<float>(bias[d]);
       if (pos != nullptr) v += static_cast<float>(pos[(pos_off + n) * D + d]);
@@ -137,36 +140,38 @@ at::Tensor scatter_patches_cuda(const at::Tensor& dpatches, const at::Tensor& im
 
 at::Tensor patch_embed_fwd_cuda(const at::Tensor& images, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& pos_embed,
-                                const std::optional<at::Tensor>& cls_token) {
-  check_patch_embed_fwd(images, weight, bias, pos_embed, cls_token);
+                                const std::optional<at::Tensor>& prefix_tokens) {
+  check_patch_embed_fwd(images, weight, bias, pos_embed, prefix_tokens);
   VK_CHECK(images.is_cuda(), "patch_embed_fwd CUDA kernel got a tensor on ", images.device());
   const c10::cuda::CUDAGuard guard(images.device());
   const int64_t B = images.size(0), D = weight.size(0), P = weight.size(2);
   const int64_t N = (images.size(2) / P) * (images.size(3) / P);
-  const int64_t cls = cls_token.has_value() ? 1 : 0;
-  const int64_t pos_off = (pos_embed.has_value() && pos_embed->size(1) == N + 1) ? 1 : 0;
+  const int64_t R = prefix_tokens.has_value() ? prefix_tokens->size(1) : 0;
+  // pos_embed covers the prefix rows too (T = R + N), or only the patches (T = N); with R = 0 the same.
+  const int64_t pos_off = (pos_embed.has_value() && pos_embed->size(1) == R + N) ? R : 0;
   at::Tensor h = at::mm(gather_patches_cuda(images, P, images.scalar_type()), weight.view({D, -1}).t());
-  at::Tensor out = at::empty({B, N + cls, D}, images.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = at::empty({B, R + N, D}, images.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t total = out.numel();
   if (total == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, images.scalar_type(), "patch_embed_fwd_cuda", [&] {
     patch_embed_epilogue_kernel<scalar_t><<<elementwise_blocks(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         h.const_data_ptr<scalar_t>(), bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr,
         pos_embed.has_value() ? pos_embed->const_data_ptr<scalar_t>() : nullptr,
-        cls_token.has_value() ? cls_token->const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(),
-        total, N, D, cls, pos_off);
+        prefix_tokens.has_value() ? prefix_tokens->const_data_ptr<scalar_t>() : nullptr,
+        out.mutable_data_ptr<scalar_t>(), total, N, D, R, pos_off);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> patch_embed_bwd_cuda(
-    const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight, bool has_cls,
+    const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight, int64_t num_prefix,
     bool needs_dimages, bool needs_dw) {
-  check_patch_embed_bwd(grad_out, images, weight, has_cls);
+  check_patch_embed_bwd(grad_out, images, weight, num_prefix);
   VK_CHECK(images.is_cuda(), "patch_embed_bwd CUDA kernel got a tensor on ", images.device());
   const c10::cuda::CUDAGuard guard(images.device());
-  return patch_embed_bwd_common(grad_out, images, weight, has_cls, needs_dimages, needs_dw, images.scalar_type(), gather_patches_cuda, scatter_patches_cuda);
+  return patch_embed_bwd_common(grad_out, images, weight, num_prefix, needs_dimages, needs_dw,
+                                images.scalar_type(), gather_patches_cuda, scatter_patches_cuda);
 }
 
 }  // namespace

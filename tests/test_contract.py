@@ -75,15 +75,15 @@ def _attention_qkv_case():
     return (qkv, 2, 0.2), bwd
 
 
-def _patch_embed_case(cls, pos_rows):
+def _patch_embed_case(num_prefix, pos_rows):
     images = torch.randn(2, 8, 12, 3, device=DEVICE).permute(0, 3, 1, 2).requires_grad_()  # NHWC strides
     w, b = _leaf(10, 3, 4, 4), _leaf(10)
     N = (8 // 4) * (12 // 4)
-    pos = None if pos_rows is None else _leaf(1, N + 1 if pos_rows == "N+1" else N, 10)
-    c = _leaf(1, 1, 10) if cls else None
+    pos = None if pos_rows is None else _leaf(1, N + num_prefix if pos_rows == "N+K" else N, 10)
+    c = _leaf(1, num_prefix, 10) if num_prefix else None
 
     def bwd(out):
-        return (torch.randn_like(out), images.detach(), w.detach(), cls, True, True)
+        return (torch.randn_like(out), images.detach(), w.detach(), num_prefix, True, True)
 
     return (images, w, b, pos, c), bwd
 
@@ -121,7 +121,7 @@ CASES = {
     "linear": [(_linear_case, (True, True, True)), (_linear_case, (False, False, False))],
     "attention": [(_attention_case, ())],
     "attention_qkv": [(_attention_qkv_case, ())],
-    "patch_embed": [(_patch_embed_case, (True, "N+1")), (_patch_embed_case, (False, None))],
+    "patch_embed": [(_patch_embed_case, (1, "N+K")), (_patch_embed_case, (0, None)), (_patch_embed_case, (2, "N"))],
     "ln_linear": [(_ln_linear_case, (True, True)), (_ln_linear_case, (False, False))],
     "ln_mlp": [(_ln_mlp_case, (True, True, True)), (_ln_mlp_case, (False, False, False))],
 }

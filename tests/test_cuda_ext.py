@@ -139,10 +139,17 @@ def test_patch_embed_bad_inputs(ops):
     _raises(r"weight must be \(D, 3, P, P\)", ops.patch_embed_fwd, img, torch.randn(6, 2, 4, 4), None, None, None)
     _raises(r"images must be float32, float16 or bfloat16, got Double", ops.patch_embed_fwd, img.double(),
             w.double(), None, None, None)
-    _raises(r"cls_token must have shape \[1, 1, 6\]", ops.patch_embed_fwd, img, w, None, None, torch.randn(1, 6))
+    _raises(r"prefix_tokens must be \(1, R, 6\), got shape \[1, 6\]", ops.patch_embed_fwd, img, w, None, None,
+            torch.randn(1, 6))
+    _raises(r"prefix_tokens must have shape \[1, 2, 6\]", ops.patch_embed_fwd, img, w, None, None,
+            torch.randn(2, 2, 6))
     _raises(r"pos_embed must be \(1, 4, 6\) for 4 patches", ops.patch_embed_fwd, img, w, None,
-            torch.randn(1, 5, 6), None)  # N + 1 rows need a class token
-    _raises(r"grad_out must have shape \[2, 4, 6\]", ops.patch_embed_bwd, torch.randn(2, 5, 6), img, w, False, True,
+            torch.randn(1, 5, 6), None)  # N + 1 rows need a prefix token
+    _raises(r"pos_embed must be \(1, 4 or 6, 6\) for 4 patches and 2 prefix tokens", ops.patch_embed_fwd, img, w,
+            None, torch.randn(1, 5, 6), torch.randn(1, 2, 6))
+    _raises(r"grad_out must have shape \[2, 4, 6\]", ops.patch_embed_bwd, torch.randn(2, 5, 6), img, w, 0, True,
+            True)
+    _raises(r"grad_out must have shape \[2, 6, 6\]", ops.patch_embed_bwd, torch.randn(2, 5, 6), img, w, 2, True,
             True)
 
 

@@ -27,8 +27,10 @@ def get_op(name: str):
             "ln_linear": ln_linear, "ln_mlp": ln_mlp, "attention_qkv": attention_qkv}.get(name)
 
 
-def patch_embed(images, weight, bias, pos_embed, cls_token):
-    """images (B, C, H, W), weight (D, C, P, P) -> tokens (B, [1+]N, D); see vitkernels.ops.patch_embed."""
+def patch_embed(images, weight, bias, pos_embed, prefix_tokens):
+    """images (B, C, H, W), weight (D, C, P, P), prefix_tokens (1, K, D) -> tokens (B, K + N, D); see
+    vitkernels.ops.patch_embed. timm's VisionTransformer._pos_embed: concat then add when pos_embed covers the
+    prefix (T = K + N), add then concat when it does not (no_embed_class, T = N)."""
     P = weight.shape[-1]
     x = F.conv2d(images, weight, bias, stride=P)  # (B, D, H/P, W/P)
     x = x.flatten(2).transpose(1, 2)  # (B, N, D)
@@ -36,8 +38,8 @@ def patch_embed(images, weight, bias, pos_embed, cls_token):
     if pos_embed is not None and pos_embed.shape[1] == N:  # no_embed_class: patches only
         x = x + pos_embed
         pos_embed = None
-    if cls_token is not None:
-        x = torch.cat([cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+    if prefix_tokens is not None:
+        x = torch.cat([prefix_tokens.expand(x.shape[0], -1, -1), x], dim=1)
     if pos_embed is not None:
         x = x + pos_embed
     return x

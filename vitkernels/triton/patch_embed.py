@@ -1,24 +1,33 @@
-"""Patch embedding in Triton: patchify + projection + bias + position embedding + class token, one GEMM.
+"""Patch embedding in Triton: patchify + projection + bias + position embedding + prefix tokens, one GEMM.
 
 The ViT stem is a Conv2d with kernel = stride = P, i.e. a GEMM over tokens:
 
-    tokens[b, n, d] = sum_k A[(b, n), k] * W[d, k] + bias[d] + pos[n (+1), d],   k = (c, py, px), K = C*P*P
+    tokens[b, R + n, d] = sum_k A[(b, n), k] * W[d, k] + bias[d] + pos[(R +) n, d],  k = (c, py, px), K = C*P*P
     A[(b, n), (c, py, px)] = images[b, c, ph*P + py, pw*P + px],                 n = ph * (W/P) + pw
+
+R = num_prefix is the number of prefix tokens (timm's class token, register tokens, distillation token: 0 to 5
+in practice; the op's contract calls it K, which here is the GEMM's reduction length).
 
 The forward kernel never materializes A (no unfold / im2col tensor): each A tile is gathered from the NCHW
 image by address arithmetic, separable as row_off(b, ph, pw) + col_off(c, py, px), for any image strides.
-The epilogue adds bias and pos_embed in fp32 and writes row 1 + n of the (B, 1 + N, D) sequence; the class
-row (cls + pos[0], or cls alone for timm's no_embed_class) is B x D values written by one torch op.
+The epilogue adds bias and pos_embed in fp32 and writes row R + n of the (B, R + N, D) sequence; the prefix
+rows (prefix + pos[:R], or the prefix alone for timm's no_embed_class) are B x R x D values written by one
+broadcast torch op.
 
 Backward (stride == kernel, so every pixel belongs to exactly one patch and nothing overlaps):
     dW[d, k]      = sum_(b,n) dout[(b, n), d] * A[(b, n), k]   gather A again; split over tokens into fp32
                                                                 partials, summed once (no atomics)
     dimages       = (dout @ W) scattered back by the same address arithmetic (a plain store per pixel);
                     computed only when the images require grad (usually they do not)
-    dbias, dpos_embed, dcls_token: one fp32 reduction of dout over the batch, then slices of it.
+    dbias, dpos_embed, dprefix_tokens: one fp32 reduction of dout over the batch, then slices of it (taken by
+                    the shared backward of vitkernels/ops/patch_embed.py).
 
 Supported: fp32 / fp16 / bf16 (fp32 accumulation; fp32 uses IEEE products, never TF32); any P, C, odd patch
-grids; pos_embed covering N + 1 or N tokens.
+grids; any number R of prefix tokens; pos_embed covering N + R or N tokens.
+
+R is a runtime argument the compiler does not specialise on (``do_not_specialize``): one compiled kernel
+serves every R (a constexpr, or Triton's default specialisation of 0, 1 and multiples of 16, would compile
+each kernel again per distinct R, outside the autotune key).
 """
 
 from __future__ import annotations
@@ -63,11 +72,12 @@ def _patch_col_offsets(k, stride_c, stride_h, stride_w, P: tl.constexpr):
 
 
 @triton.jit
-def _token_row_offsets(m, N, T_out, stride_ob, stride_ot, CLS_OFF: tl.constexpr):
-    """Token index m = b * N + n -> offset of sequence row (b, CLS_OFF + n) of a (B, T_out, D) tensor."""
+def _token_row_offsets(m, N, stride_ob, stride_ot, num_prefix):
+    """Token index m = b * N + n -> offset of sequence row (b, num_prefix + n) of a (B, num_prefix + N, D)
+    tensor."""
     b = m // N
     n = m - b * N
-    return b * stride_ob + (n + CLS_OFF) * stride_ot
+    return b * stride_ob + (n + num_prefix) * stride_ot
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -75,13 +85,13 @@ def _token_row_offsets(m, N, T_out, stride_ob, stride_ot, CLS_OFF: tl.constexpr)
 # ----------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_prefix", "POS_OFF"])
 def _patch_embed_fwd_kernel(
     IMG,  # (B, C, H, W) images, any strides
     Wt,  # (D, K) projection weight, K = C*P*P in (c, py, px) order
     Bias,  # (D,) bias, or None
     Pos,  # (1, T, D) position embedding, or None
-    Out,  # (B, T_out, D) out: token sequence, contiguous; rows CLS_OFF.. are written here
+    Out,  # (B, T_out, D) out: token sequence, contiguous; rows num_prefix.. are written here
     stride_ib, stride_ic, stride_ih, stride_iw,  # image strides
     stride_wd, stride_wk,  # weight strides
     stride_pt, stride_pd,  # pos_embed strides (token, channel)
@@ -90,10 +100,10 @@ def _patch_embed_fwd_kernel(
     K,  # C * P * P
     N,  # patches per image
     GW,  # patches per image row (W / P)
-    T_out,  # sequence length of Out (N, or N + 1 with a class token)
-    POS_OFF,  # pos_embed row of patch 0: 1 when pos_embed also covers the class token, else 0
+    T_out,  # sequence length of Out, num_prefix + N
+    num_prefix,  # prefix rows of Out (written by the launcher): its patch rows start here
+    POS_OFF,  # pos_embed row of patch 0: num_prefix when pos_embed also covers the prefix tokens, else 0
     P: tl.constexpr,  # patch size
-    CLS_OFF: tl.constexpr,  # 1 when Out row 0 is the class token, else 0
     HAS_BIAS: tl.constexpr,
     HAS_POS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32), default otherwise
@@ -127,18 +137,18 @@ def _patch_embed_fwd_kernel(
     if BLOCK_D >= 32:
         halves = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_D // 2)), (0, 2, 1)))
         d_half = pid_d * BLOCK_D + tl.arange(0, BLOCK_D // 2)
-        _fwd_epilogue(halves[0], m, d_half, m_mask, D, N, T_out, POS_OFF, Bias, Pos, Out, stride_pt, stride_pd,
-                      CLS_OFF, HAS_BIAS, HAS_POS)
-        _fwd_epilogue(halves[1], m, d_half + BLOCK_D // 2, m_mask, D, N, T_out, POS_OFF, Bias, Pos, Out,
-                      stride_pt, stride_pd, CLS_OFF, HAS_BIAS, HAS_POS)
+        _fwd_epilogue(halves[0], m, d_half, m_mask, D, N, T_out, num_prefix, POS_OFF, Bias, Pos, Out, stride_pt,
+                      stride_pd, HAS_BIAS, HAS_POS)
+        _fwd_epilogue(halves[1], m, d_half + BLOCK_D // 2, m_mask, D, N, T_out, num_prefix, POS_OFF, Bias, Pos,
+                      Out, stride_pt, stride_pd, HAS_BIAS, HAS_POS)
     else:
-        _fwd_epilogue(acc, m, d, m_mask, D, N, T_out, POS_OFF, Bias, Pos, Out, stride_pt, stride_pd,
-                      CLS_OFF, HAS_BIAS, HAS_POS)
+        _fwd_epilogue(acc, m, d, m_mask, D, N, T_out, num_prefix, POS_OFF, Bias, Pos, Out, stride_pt, stride_pd,
+                      HAS_BIAS, HAS_POS)
 
 
 @triton.jit
-def _fwd_epilogue(acc, m, d, m_mask, D, N, T_out, POS_OFF, Bias, Pos, Out, stride_pt, stride_pd,
-                  CLS_OFF: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr):
+def _fwd_epilogue(acc, m, d, m_mask, D, N, T_out, num_prefix, POS_OFF, Bias, Pos, Out, stride_pt, stride_pd,
+                  HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr):
     """acc (BLOCK_M, W) fp32 for tokens m, channels d -> Out, one rounding after + bias[d] + pos[POS_OFF + n, d]."""
     d_mask = d < D
     mask = m_mask[:, None] & d_mask[None, :]
@@ -148,13 +158,13 @@ def _fwd_epilogue(acc, m, d, m_mask, D, N, T_out, POS_OFF, Bias, Pos, Out, strid
         n = m % N
         pos = tl.load(Pos + (n + POS_OFF)[:, None] * stride_pt + d[None, :] * stride_pd, mask=mask, other=0.0)
         acc += pos.to(tl.float32)
-    out_row = _token_row_offsets(m, N, T_out, T_out * D, D, CLS_OFF)
+    out_row = _token_row_offsets(m, N, T_out * D, D, num_prefix)
     tl.store(Out + out_row[:, None] + d[None, :], acc.to(Out.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_prefix"])
 def _patch_embed_bwd_dw_kernel(
-    DOUT,  # (B, T_out, D) gradient of the tokens, any strides
+    DOUT,  # (B, num_prefix + N, D) gradient of the tokens, any strides
     IMG,  # (B, C, H, W) images, any strides
     DW,  # (SPLIT, D, K) out: fp32 partial weight gradients, one slice per token split
     stride_ob, stride_ot, stride_od,  # dout strides
@@ -164,10 +174,9 @@ def _patch_embed_bwd_dw_kernel(
     K,  # C * P * P
     N,  # patches per image
     GW,  # patches per image row
-    T_out,  # dout sequence length
+    num_prefix,  # prefix rows of dout (not part of this GEMM): its patch rows start here
     rows_per_split,  # tokens reduced by one program along grid axis 1
     P: tl.constexpr,
-    CLS_OFF: tl.constexpr,  # 1 when dout row 0 is the class token (not part of this GEMM)
     DOT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -190,7 +199,7 @@ def _patch_embed_bwd_dw_kernel(
     for m0 in range(m_start, m_end, BLOCK_M):
         m = m0 + tl.arange(0, BLOCK_M)
         m_mask = m < m_end
-        tok = _token_row_offsets(m, N, T_out, stride_ob, stride_ot, CLS_OFF)
+        tok = _token_row_offsets(m, N, stride_ob, stride_ot, num_prefix)
         g = tl.load(DOUT + tok[None, :] + d[:, None] * stride_od, mask=d_mask[:, None] & m_mask[None, :],
                     other=0.0)  # (BLOCK_D, BLOCK_M) = dout^T tile
         row_off = _patch_row_offsets(m, N, GW, stride_ib, stride_ih, stride_iw, P)
@@ -200,18 +209,18 @@ def _patch_embed_bwd_dw_kernel(
     tl.store(dw_ptr, acc, mask=d_mask[:, None] & k_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_prefix"])
 def _patch_embed_bwd_dx_kernel(
-    DOUT,  # (B, T_out, D) gradient of the tokens, any strides
+    DOUT,  # (B, num_prefix + N, D) gradient of the tokens, any strides
     Wt,  # (D, K) projection weight
     DIMG,  # (B, C, H, W) out: image gradient, contiguous
     stride_ob, stride_ot, stride_od,  # dout strides
     stride_wd, stride_wk,  # weight strides
-    M, D, K, N, GW, T_out,  # as in the forward
+    M, D, K, N, GW,  # as in the forward
+    num_prefix,  # prefix rows of dout (not part of this GEMM): its patch rows start here
     H,  # image height
     Wimg,  # image width
     P: tl.constexpr,
-    CLS_OFF: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -226,7 +235,7 @@ def _patch_embed_bwd_dx_kernel(
     k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     m_mask = m < M
     k_mask = k < K
-    tok = _token_row_offsets(m, N, T_out, stride_ob, stride_ot, CLS_OFF)
+    tok = _token_row_offsets(m, N, stride_ob, stride_ot, num_prefix)
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -361,16 +370,18 @@ def _weight_2d(weight: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def patch_embed_fwd(images, weight, bias, pos_embed, cls_token):
-    """images (B, C, H, W), weight (D, C, P, P) -> tokens (B, [1+]N, D) in the images' dtype."""
+def patch_embed_fwd(images, weight, bias, pos_embed, prefix_tokens):
+    """images (B, C, H, W), weight (D, C, P, P), prefix_tokens (1, R, D) or None -> tokens (B, R + N, D) in the
+    images' dtype."""
     B, C, H, W = images.shape
     D, _, P, _ = weight.shape
     GH, GW = H // P, W // P
     N, K = GH * GW, C * P * P
-    cls_off = 1 if cls_token is not None else 0
-    T_out = N + cls_off
+    num_prefix = prefix_tokens.shape[1] if prefix_tokens is not None else 0
+    T_out = num_prefix + N
     out = torch.empty((B, T_out, D), device=images.device, dtype=images.dtype)
-    pos_off = 1 if pos_embed is not None and pos_embed.shape[1] == N + 1 else 0
+    # pos_embed covers the prefix too (T = R + N) or only the patches (no_embed_class, T = N); R = 0: the same.
+    pos_off = num_prefix if pos_embed is not None and pos_embed.shape[1] == T_out else 0
     w2 = _weight_2d(weight)
     bias = bias.contiguous() if bias is not None else None  # indexed with unit stride; a no-op for nn.Conv2d
     M = B * N
@@ -383,22 +394,24 @@ def patch_embed_fwd(images, weight, bias, pos_embed, cls_token):
             images, w2, bias, pos_embed, out,
             *images.stride(), *w2.stride(),
             pos_embed.stride(1) if pos_embed is not None else 0, pos_embed.stride(2) if pos_embed is not None else 0,
-            M, D, K, N, GW, T_out, pos_off,
-            P=P, CLS_OFF=cls_off, HAS_BIAS=bias is not None, HAS_POS=pos_embed is not None,
+            M, D, K, N, GW, T_out, num_prefix, pos_off,
+            P=P, HAS_BIAS=bias is not None, HAS_POS=pos_embed is not None,
             DOT_PRECISION=_dot_precision(images.dtype),
         )
-    if cls_token is not None:
-        # The class row is B x D values, the same for every image: one broadcast torch copy. A kernel branch
-        # for it would cost more code than the copy costs time (0.4 MB at ViT-B/16, B=256).
-        cls = cls_token[0, 0].float()
+    if num_prefix:
+        # The prefix rows are B x R x D values, the same for every image: one broadcast torch copy. A kernel
+        # branch for them would cost more code (a second row space in the grid, a load path with no GEMM) than
+        # the copy costs time (R x 0.4 MB at ViT-B/16, B=256, against 77 MB of tokens written by the GEMM).
+        prefix = prefix_tokens[0].float()  # (R, D)
         if pos_off:
-            cls = cls + pos_embed[0, 0].float()
-        out[:, 0] = cls.to(out.dtype)
+            prefix = prefix + pos_embed[0, :num_prefix].float()
+        out[:, :num_prefix] = prefix.to(out.dtype)
     return out
 
 
-def patch_embed_bwd(grad_out, images, weight, has_cls, needs_dimages, needs_dw):
-    """Gradients of the two GEMMs. grad_out (B, T_out, D), any strides.
+def patch_embed_bwd(grad_out, images, weight, num_prefix, needs_dimages, needs_dw):
+    """Gradients of the two GEMMs. grad_out (B, num_prefix + N, D), any strides; its first num_prefix rows
+    (the prefix tokens') take no part.
 
     Returns (dimages (B, C, H, W) contiguous, or empty; dweight (D, C, P, P), or empty), in the input dtype.
     """
@@ -406,8 +419,7 @@ def patch_embed_bwd(grad_out, images, weight, has_cls, needs_dimages, needs_dw):
     D, _, P, _ = weight.shape
     GW = W // P
     N, K = (H // P) * GW, C * P * P
-    M, T_out = B * N, grad_out.shape[1]
-    cls_off = 1 if has_cls else 0
+    M = B * N
     precision = _dot_precision(images.dtype)
     dimages = images.new_empty((0,))
     dweight = weight.new_empty((0,))
@@ -421,8 +433,8 @@ def patch_embed_bwd(grad_out, images, weight, has_cls, needs_dimages, needs_dw):
 
             _bwd_dx_kernel[dx_grid](
                 grad_out, w2, dimages, *grad_out.stride(), *w2.stride(),
-                M, D, K, N, GW, T_out, H, W,
-                P=P, CLS_OFF=cls_off, DOT_PRECISION=precision,
+                M, D, K, N, GW, num_prefix, H, W,
+                P=P, DOT_PRECISION=precision,
             )
     if needs_dw:
         if M == 0:
@@ -438,8 +450,8 @@ def patch_embed_bwd(grad_out, images, weight, has_cls, needs_dimages, needs_dw):
 
             _bwd_dw_kernel[dw_grid](
                 grad_out, images, partial, *grad_out.stride(), *images.stride(),
-                M, D, K, N, GW, T_out, rows_per_split,
-                P=P, CLS_OFF=cls_off, DOT_PRECISION=precision,
+                M, D, K, N, GW, num_prefix, rows_per_split,
+                P=P, DOT_PRECISION=precision,
             )
             # Second stage: (splits, D, K) fp32 -> (D, K), then the weight's shape and dtype.
             dweight = partial.sum(0).view(weight.shape).to(weight.dtype)
