@@ -116,6 +116,18 @@ def _ln_mlp_case(affine, bias, add_input):
     return (x, lw, lb, 1e-5, w1, b1, w2, b2, add_input), bwd
 
 
+def _glu_linear_case(bias, activation):
+    x, wg, wv = _leaf(21, 16), _leaf(12, 16), _leaf(12, 16)
+    bg, bv = (_leaf(12), _leaf(12)) if bias else (None, None)
+
+    def bwd(out):
+        h, g, v = out
+        return (torch.randn_like(h), x.detach(), wg.detach(), wv.detach(), g, v, activation,
+                [True, True, bias, True, bias])
+
+    return (x, wg, bg, wv, bv, activation), bwd
+
+
 CASES = {
     "layer_norm": [(_layer_norm_case, (True, True)), (_layer_norm_case, (False, False))],
     "linear": [(_linear_case, (True, True, True)), (_linear_case, (False, False, False))],
@@ -124,6 +136,7 @@ CASES = {
     "patch_embed": [(_patch_embed_case, (1, "N+K")), (_patch_embed_case, (0, None)), (_patch_embed_case, (2, "N"))],
     "ln_linear": [(_ln_linear_case, (True, True)), (_ln_linear_case, (False, False))],
     "ln_mlp": [(_ln_mlp_case, (True, True, True)), (_ln_mlp_case, (False, False, False))],
+    "glu_linear": [(_glu_linear_case, (True, "silu")), (_glu_linear_case, (False, "sigmoid"))],
 }
 # test_aot_dispatch_dynamic costs seconds per call on a small CPU: the first case of each op runs it.
 FULL = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")

@@ -14,6 +14,7 @@ from __future__ import annotations
 from vitkernels.backends import OPS
 from vitkernels.ops.attention import attention
 from vitkernels.ops.attention_qkv import attention_qkv
+from vitkernels.ops.glu_linear import glu_linear
 from vitkernels.ops.layer_norm import layer_norm
 from vitkernels.ops.linear import linear
 from vitkernels.ops.ln_linear import ln_linear

@@ -24,7 +24,8 @@ def kernel_limits(op: str):
 
 def get_op(name: str):
     return {"patch_embed": patch_embed, "layer_norm": layer_norm, "attention": attention, "linear": linear,
-            "ln_linear": ln_linear, "ln_mlp": ln_mlp, "attention_qkv": attention_qkv}.get(name)
+            "ln_linear": ln_linear, "ln_mlp": ln_mlp, "attention_qkv": attention_qkv,
+            "glu_linear": glu_linear}.get(name)
 
 
 def patch_embed(images, weight, bias, pos_embed, prefix_tokens):
@@ -97,3 +98,17 @@ def ln_mlp(x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bia
     h = activate(F.linear(F.layer_norm(x, x.shape[-1:], ln_weight, ln_bias, eps), fc1_weight, fc1_bias), activation)
     y = F.linear(h, fc2_weight, fc2_bias)
     return y + x if add_input else y
+
+
+def glu_linear(x, gate_weight, gate_bias, value_weight, value_bias, activation):
+    """x (..., C), weights (H, C) -> act(x Wg^T + bg) * (x Wv^T + bv), (..., H): timm's SwiGLU / GluMlp fc1."""
+    g = F.linear(x, gate_weight, gate_bias)
+    if activation == "silu":
+        a = F.silu(g)
+    elif activation == "gelu":
+        a = F.gelu(g)
+    elif activation == "gelu_tanh":
+        a = F.gelu(g, approximate="tanh")
+    else:  # "sigmoid"
+        a = torch.sigmoid(g)
+    return a * F.linear(x, value_weight, value_bias)
