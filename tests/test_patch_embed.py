@@ -3,8 +3,9 @@ cat + add on double copies): the tokens and every gradient (images, weight, bias
 within 2x PyTorch's own error in the same precision; finite; bit-identical reruns. Odd patch grids (7x9, 3x4
 from patch 14 on 42x56), P in {4, 8, 14, 16, 32}, C in {1, 3}, B in {1, 3}, K in {0, 1, 2, 5} prefix tokens
 (class; class + distillation; class + 4 registers), pos_embed over N + K or N tokens (no_embed_class) or none,
-strided images and gradients. Also the cls_token synonym, validation errors, opcheck of the contract's
-schemas, torch.compile and a hypothesis property test over shapes.
+strided images and gradients. Also timm's own stem with registers / no_embed_class / DeiT's distillation
+token, the cls_token synonym, validation errors, opcheck of the contract's schemas, torch.compile and a
+hypothesis property test over shapes.
 """
 
 from __future__ import annotations
@@ -202,3 +203,33 @@ def test_patch_embed_opcheck(backend, K, pos):
     assert out.shape == (2, K + 6, 10)
     bwd_args = (torch.randn_like(out), x["images"].detach(), x["weight"].detach(), K, True, True)
     torch.library.opcheck(ns.patch_embed_bwd.default, bwd_args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["reg4", "reg4_no_embed_class", "distilled"])
+def test_patch_embed_matches_timm_prefix_layouts(backend, layout):
+    """timm's own stem (patch_embed + _pos_embed) with register tokens (pos_embed over the prefix, or
+    no_embed_class) and DeiT's distillation token equals the op given torch.cat of the prefix tokens."""
+    from timm.models.deit import VisionTransformerDistilled
+    from timm.models.vision_transformer import VisionTransformer
+
+    kw = dict(img_size=(24, 40), patch_size=8, embed_dim=24, depth=1, num_heads=2)
+    if layout == "distilled":
+        model = VisionTransformerDistilled(**kw)
+        prefix = [model.cls_token, model.dist_token]
+    else:
+        model = VisionTransformer(**kw, reg_tokens=4, no_embed_class=layout.endswith("no_embed_class"))
+        prefix = [model.cls_token, model.reg_token]
+    model = model.to(DEVICE).eval()
+    with torch.no_grad():
+        for p in [*prefix, model.pos_embed]:
+            p.normal_()
+    images = torch.randn(2, 3, 24, 40, device=DEVICE)
+    with torch.no_grad():
+        expected = model._pos_embed(model.patch_embed(images))
+        proj = model.patch_embed.proj
+        ours = ops.patch_embed(images, proj.weight, proj.bias, pos_embed=model.pos_embed,
+                               prefix_tokens=torch.cat(prefix, 1), backend=backend)
+    K = sum(t.shape[1] for t in prefix)  # 2 (class + distillation) or 5 (class + 4 registers)
+    assert ours.shape == expected.shape == (2, K + 3 * 5, 24)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
