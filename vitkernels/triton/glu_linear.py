@@ -360,7 +360,9 @@ def _dg_dv_and_dbias(dh, g, v, act, need_dg, need_dv, need_dbg, need_dbv):
     groups = max(1, min(triton.cdiv(R, block_r), target_programs // num_h))
     rows_per_prog = triton.cdiv(triton.cdiv(R, groups), block_r) * block_r
     groups = triton.cdiv(R, rows_per_prog)
-    new = lambda wanted, shape, dtype: torch.empty(shape if wanted else (0,), device=dh.device, dtype=dtype)  # noqa: E731
+    def new(wanted, shape, dtype):
+        return torch.empty(shape if wanted else (0,), device=dh.device, dtype=dtype)
+
     dg, dv = new(need_dg, (R, H), dh.dtype), new(need_dv, (R, H), dh.dtype)
     pg, pv = new(need_dbg, (groups, H), torch.float32), new(need_dbv, (groups, H), torch.float32)
     with torch.cuda.device(dh.device) if dh.is_cuda else contextlib.nullcontext():
