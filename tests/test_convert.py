@@ -62,6 +62,14 @@ TIMM_CONFIGS = {
                                              global_pool="avgmax", pool_include_prefix=True),
     "nn_rmsnorm_avg_prefix_no_fc_norm": dict(TINY, norm_layer=nn.RMSNorm, global_pool="avg", pool_include_prefix=True,
                                              fc_norm=False),
+    # the families of issue #17: DINOv2 with registers, SigLIP / SigLIP2 (attention-pool head, tanh-GELU),
+    # OpenAI CLIP (QuickGELU, pre-norm), SiLU
+    "dinov2_reg4_layerscale": dict(TINY, reg_tokens=4, no_embed_class=True, init_values=0.1),
+    "reg2_with_class_pos": dict(TINY, reg_tokens=2, global_pool="avg"),
+    "siglip_map_gelu_tanh": dict(TINY, class_token=False, global_pool="map", act_layer="gelu_tanh"),
+    "siglip_map_reg_prefix": dict(TINY, reg_tokens=1, global_pool="map", pool_include_prefix=True),
+    "clip_quickgelu_pre_norm": dict(TINY, pre_norm=True, act_layer="quick_gelu"),
+    "silu_avg": dict(TINY, act_layer="silu", global_pool="avg"),
 }
 
 
@@ -161,6 +169,8 @@ FUSED_CONFIGS = {
     "ln_no_affine_no_pos_avgmax_pad": dict(MICRO, norm_layer=functools.partial(nn.LayerNorm, elementwise_affine=False),
                                            pos_embed="none", global_pool="avgmax", pool_include_prefix=True,
                                            dynamic_img_size=True, dynamic_img_pad=True),
+    "reg4_map_gelu_tanh": dict(MICRO, reg_tokens=4, no_embed_class=True, global_pool="map", act_layer="gelu_tanh"),
+    "quickgelu_reg1": dict(MICRO, reg_tokens=1, act_layer="quick_gelu", init_values=0.1),
 }
 
 
@@ -182,10 +192,9 @@ def test_from_timm_fused_backend_within_budget(backend, name):
 
 
 @pytest.mark.parametrize("kw, feature", [
-    (dict(reg_tokens=2), "register tokens"),
-    (dict(global_pool="map"), "attention pooling"),
-    (dict(act_layer="gelu_tanh"), "exact-erf GELU"),
-    (dict(scale_mlp_norm=True), "scale_mlp_norm"),
+    (dict(global_pool="prr"), "global_pool='prr'"),
+    (dict(act_layer="relu"), "the fused epilogue computes"),
+    (dict(scale_attn_norm=True), "scale_attn_norm"),
     (dict(norm_layer="batchnorm"), r"normalization layer torch.nn.modules.batchnorm.BatchNorm2d at blocks.0.norm1"),
 ])
 def test_from_timm_rejects_unsupported(kw, feature):
@@ -212,11 +221,38 @@ def test_from_timm_rejects_other_models():
     eva = Eva(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, use_rot_pos_emb=True)
     with pytest.raises(TypeError, match="RoPE"):
         vitkernels.from_timm(eva)
-    from timm.models.deit import VisionTransformerDistilled
+    from timm.layers import SwiGLUPacked
 
-    deit = VisionTransformerDistilled(**TINY)
-    with pytest.raises(UnsupportedModelError, match="distillation token"):
-        vitkernels.from_timm(deit)
+    swiglu = TimmViT(**dict(TINY, mlp_layer=SwiGLUPacked, act_layer="silu"))
+    with pytest.raises(UnsupportedModelError, match="SwiGLU"):
+        vitkernels.from_timm(swiglu)
+
+
+def test_from_timm_deit_distilled():
+    """DeiT's distillation token (a second prefix row of the fused patch embedding) and head: the mean of both
+    heads in eval and in plain training, the pair with distilled_training; gradients reach both tokens."""
+    from timm.models.deit import VisionTransformerDistilled as TimmDistilled
+
+    src = _perturb(TimmDistilled(**TINY))
+    model = vitkernels.from_timm(src, backend="torch")
+    assert isinstance(model, vitkernels.VisionTransformerDistilled) and model.num_prefix_tokens == 2
+    assert model.state_dict().keys() == src.state_dict().keys()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert _rel_err(model(x), src(x)) <= 1e-5
+        assert _rel_err(model.forward_head(model.forward_features(x), pre_logits=True),
+                        src.forward_head(src.forward_features(x), pre_logits=True)) <= 1e-5
+    for m in (model, src):
+        m.train().set_distilled_training(True)
+    out, ref = model(x), src(x)
+    assert isinstance(out, tuple) and len(out) == 2
+    for a, b in zip(out, ref):
+        assert _rel_err(a, b) <= 1e-5
+    (out[0].sum() + 2 * out[1].sum()).backward()
+    (ref[0].sum() + 2 * ref[1].sum()).backward()
+    for name in ("cls_token", "dist_token", "pos_embed", "head_dist.weight"):
+        torch.testing.assert_close(model.get_parameter(name).grad, src.get_parameter(name).grad, rtol=1e-4,
+                                   atol=1e-6)
 
 
 # -- torchvision -------------------------------------------------------------------------------------------

@@ -63,6 +63,19 @@ def _siglip_vision(**kw):
     return transformers.SiglipVisionConfig(**cfg)
 
 
+def _vitkernels_too(src, x, ref, pooled: bool = True) -> None:
+    """``vitkernels.from_hf`` on the same model: HF's outputs on the torch backend."""
+    import vitkernels
+
+    model = vitkernels.from_hf(src, backend="torch")
+    assert not model.training
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        _close(feats, ref.last_hidden_state)
+        if pooled:
+            _close(model.forward_head(feats, pre_logits=True), ref.pooler_output)
+
+
 # -- DINOv2 ----------------------------------------------------------------------------------------------------
 DINOV2 = {
     "plain": dict(registers=False),
@@ -90,6 +103,7 @@ def test_dinov2(case):
         _close(model.forward_features(x), ref.last_hidden_state)
         _close(model.forward_head(model.forward_features(x), pre_logits=True), ref.pooler_output)
         _close(model(x), ref.pooler_output)  # num_classes=0: the class token after the final LayerNorm
+    _vitkernels_too(src, x, ref)
 
 
 @pytest.mark.parametrize("registers", [False, True], ids=["dinov2", "reg4"])
@@ -161,6 +175,7 @@ def test_siglip_vision(case):
             _close(model.forward_head(feats, pre_logits=True), ref.pooler_output)
         else:
             assert ref.pooler_output is None and kwargs["global_pool"] == ""
+    _vitkernels_too(src, x, ref, pooled=ref.pooler_output is not None)
 
 
 def test_siglip_dual_tower_and_classifier():

@@ -89,6 +89,24 @@ def test_agrees_with_flop_counter_mode_torch_backend():
     assert abs(got - train.total) <= 0.01 * train.total, (got, train.total)
 
 
+@pytest.mark.parametrize("name", ["vit_base_patch16_siglip_224", "vit_small_patch14_reg4_dinov2",
+                                  "deit_base_distilled_patch16_224", "vit_base_patch16_clip_quickgelu_224"])
+def test_families_agree_with_flop_counter_mode(name):
+    """The families of issue #17 (SigLIP's attention-pool head, register tokens, DeiT's second head and token)
+    on the torch backend: the analytic count within 1% of FlopCounterMode, forward and training, and the
+    part counted once per batch (the latent's q projection) scales as it should."""
+    with torch.device("meta"):
+        model = vitkernels.create_model(name, backend="torch")
+        H, W = model.patch_embed.img_size
+        x = torch.randn(2, 3, H, W)
+    for training in (False, True):
+        want = flops.count(model, batch_size=2, training=training).total
+        got = counted(model, x, training=training)
+        assert abs(got - want) <= 0.01 * want, (training, got, want)
+    one, two = flops.count(model, batch_size=1), flops.count(model, batch_size=2)
+    assert two.total - 2 * one.total == -flops.per_batch(one.shape)
+
+
 def test_peak_table_and_mfu():
     assert mfu.peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
     assert mfu.peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0

@@ -254,9 +254,12 @@ def test_bad_input_and_unsupported_models():
         model(torch.randn(1, 1, 32, 32))
     with pytest.raises(ValueError, match="unknown backend"):
         vitkernels.patch_timm(_timm(**TINY), backend="tpu")
-    for kw, feature in ((dict(reg_tokens=1), "register tokens"), (dict(global_pool="map"), "attention pooling"),
+    from timm.layers import SwiGLUPacked
+
+    for kw, feature in ((dict(global_pool="prr"), "global_pool='prr'"),
                         (dict(norm_layer="batchnorm"), "normalization layer .*BatchNorm2d"),
-                        (dict(act_layer="gelu_tanh"), "GELU")):
+                        (dict(act_layer="relu"), "the fused epilogue computes"),
+                        (dict(mlp_layer=SwiGLUPacked, act_layer="silu"), "SwiGLU")):
         bad = TimmViT(**dict(TINY, **kw))
         with pytest.raises(UnsupportedModelError, match=feature):
             vitkernels.patch_timm(bad)

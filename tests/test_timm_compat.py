@@ -262,18 +262,15 @@ def test_meta_device_init_then_to_empty_as_timm(mode):
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(reg_tokens=4), r"reg_tokens=4 is not supported yet"),
-    (dict(global_pool="map"), r"global_pool='map' \(attention pooling\) is not supported yet; use one of"),
     (dict(global_pool="prr"), r"global_pool='prr'"),
-    (dict(act_layer="gelu_tanh"), r"act_layer='gelu_tanh' is not supported: .*exact-erf GELU"),
-    (dict(act_layer=nn.SiLU), r"act_layer=.*SiLU.* is not supported"),
-    (dict(mlp_layer="timm.layers.SwiGLU"), r"mlp_layer=.*SwiGLU.* is not supported: .*accepted: Mlp"),
+    (dict(act_layer="relu"), r"act_layer='relu' is not supported: .*exact-erf GELU, tanh-GELU, QuickGELU and SiLU"),
+    (dict(act_layer=nn.Mish), r"act_layer=.*Mish.* is not supported"),
+    (dict(mlp_layer="timm.layers.GatedMlp"), r"mlp_layer=.*GatedMlp.* is not supported: .*accepted: Mlp"),
     (dict(block_fn="timm.models.vision_transformer.ResPostBlock"), r"block_fn=.*ResPostBlock.* is not supported"),
     (dict(attn_layer="diff"), r"attn_layer='diff' is not supported"),
     (dict(embed_layer="timm.layers.PatchEmbedWithSize"), r"embed_layer=.* is not supported"),
     (dict(embed_norm_layer="layernorm"), r"embed_norm_layer='layernorm' is not supported yet"),
     (dict(scale_attn_norm=True), r"scale_attn_norm=True is not supported yet"),
-    (dict(scale_mlp_norm=True), r"scale_mlp_norm=True is not supported yet"),
     (dict(norm_layer="batchnorm"), r"norm_layer='batchnorm' is not supported; vitkernels supports LayerNorm"),
     (dict(norm_layer="timm.layers.LayerNorm2d"), r"norm_layer=.* builds timm.layers.norm.LayerNorm2d"),
     (dict(pos_embed="rope"), r"pos_embed must be 'learn' or 'none'"),

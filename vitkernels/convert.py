@@ -2,7 +2,7 @@
 
     model = vitkernels.from_timm(timm_model)                 # timm.models.vision_transformer.VisionTransformer
     model = vitkernels.from_torchvision(tv_model)            # torchvision.models.VisionTransformer
-    model = vitkernels.from_hf(hf_model)                     # transformers ViTModel / ViTForImageClassification
+    model = vitkernels.from_hf(hf_model)                     # transformers ViT, DINOv2 (+registers), SigLIP(2)
     vitkernels.load_npz(model, "ViT-B_16.npz")               # google-research/vision_transformer, big_vision
 
 Each converter reads the source model's configuration from its modules (not from a config name), builds the
@@ -10,9 +10,11 @@ matching vitkernels model on the source's device and dtype, and loads every para
 logits are those of the source model. Norm eps is copied module by module (timm and torchvision use 1e-6,
 Hugging Face's ViT 1e-12). From timm, every configuration ``vitkernels.VisionTransformer`` builds converts:
 LayerNorm with or without affine weight / bias, RmsNorm, patch dropout, 'token' / 'avg' / 'max' / 'avgmax'
-pooling (``pool_include_prefix``), no position embedding, ``dynamic_img_pad``. Whatever vitkernels cannot
-compute exactly (register tokens, attention pooling, tanh-GELU, SwiGLU, RoPE, a representation layer, ...) is
-rejected with an error naming the feature: a converted model never gives a silently different answer.
+pooling (``pool_include_prefix``), SigLIP's attention-pool head ('map'), register tokens, DeiT's distillation
+token and head (``VisionTransformerDistilled``), exact / tanh-GELU, QuickGELU and SiLU MLPs, no position
+embedding, ``dynamic_img_pad``. Whatever vitkernels cannot compute exactly (SwiGLU, RoPE, a representation
+layer, ...) is rejected with an error naming the feature: a converted model never gives a silently different
+answer.
 
 The JAX ``.npz`` layouts (``load_npz``):
     embedding/kernel (P, P, C, D) HWIO, embedding/bias (D,), cls (1, 1, D)
@@ -38,6 +40,8 @@ import torch
 from torch import nn
 
 from vitkernels.nn.block import DropPath
+from vitkernels.nn.deit import VisionTransformerDistilled
+from vitkernels.nn.mlp import ACTIVATIONS, GLU_ACTIVATIONS, GluMlp, SwiGLU, epilogue_activation
 from vitkernels.nn.norm import LayerNorm, RmsNorm
 from vitkernels.nn.norm import _kind as norm_kind
 from vitkernels.nn.pos_embed import resample_pos_embed
@@ -110,7 +114,7 @@ def _norm_layer(spec: tuple[str, bool, bool], eps: float | None):
     return functools.partial(LayerNorm, eps=eps, elementwise_affine=affine, bias=bias)
 
 
-def _is_exact_gelu(m: nn.Module) -> bool:
+def _is_exact_gelu(m: nn.Module) -> bool:  # torchvision / HF ViT MLPs
     if isinstance(m, nn.GELU):
         return m.approximate == "none"
     try:
@@ -121,13 +125,13 @@ def _is_exact_gelu(m: nn.Module) -> bool:
 
 
 def _build(config: dict, state_dict: dict, eps: dict[str, float], like: torch.Tensor, training: bool,
-           backend: str, drop_path: list[float] | None = None) -> VisionTransformer:
+           backend: str, drop_path: list[float] | None = None, model_cls=VisionTransformer) -> VisionTransformer:
     """Construct the vitkernels model, set each norm's eps (LayerNorm, RmsNorm; ``eps`` by module name), move it
     to ``like``'s device and dtype and load ``state_dict`` (timm keys) strictly."""
     values = set(eps.values())
     if len(values) == 1 and None not in values:
         config = dict(config, norm_eps=float(values.pop()))
-    model = VisionTransformer(**config, weight_init="skip", backend=backend)
+    model = model_cls(**config, weight_init="skip", backend=backend)
     for name, value in eps.items():  # per module as well: q/k norms, and checkpoints with mixed eps
         norm = model.get_submodule(name)
         if norm_kind(norm) is None:
@@ -160,7 +164,6 @@ def timm_vit_config(model: nn.Module) -> dict:
     """
     src = "from_timm"
     try:
-        from timm.layers import Mlp as TimmMlp
         from timm.layers import PatchDropout as TimmPatchDropout
         from timm.layers import PatchEmbed as TimmPatchEmbed
         from timm.layers.attention import Attention as TimmAttention
@@ -173,14 +176,13 @@ def timm_vit_config(model: nn.Module) -> dict:
         hint = " (RoPE position embeddings are not supported)" if rope else ""
         raise TypeError(f"{src} expects timm.models.vision_transformer.VisionTransformer, got "
                         f"{type(model).__module__}.{type(model).__name__}{hint}")
-    if type(model) is not TimmViT:
-        feature = "a distillation token" if getattr(model, "dist_token", None) is not None else "a subclass"
-        raise _unsupported(src, f"{type(model).__name__} ({feature} of VisionTransformer)")
-    if getattr(model, "reg_token", None) is not None:
-        raise _unsupported(src, f"register tokens (reg_tokens={model.reg_token.shape[1]})")
-    if getattr(model, "attn_pool", None) is not None:
-        raise _unsupported(src, f"attention pooling (global_pool={model.global_pool!r})")
-    if model.global_pool not in POOLS:
+    distilled = _is_timm_distilled(model)
+    if type(model) is not TimmViT and not distilled:
+        raise _unsupported(src, f"{type(model).__name__} (a subclass of VisionTransformer)")
+    reg_tokens = 0 if getattr(model, "reg_token", None) is None else int(model.reg_token.shape[1])
+    if distilled and reg_tokens:
+        raise _unsupported(src, "register tokens with a distillation token")
+    if model.global_pool not in POOLS + ("map",):
         raise _unsupported(src, f"global_pool={model.global_pool!r}")
     patch_drop = getattr(model, "patch_drop", nn.Identity())
     if not isinstance(patch_drop, (nn.Identity, TimmPatchDropout)):
@@ -227,17 +229,23 @@ def timm_vit_config(model: nn.Module) -> dict:
         qk_norm = norms[f"{where}.attn.q_norm"] is not None
         if qk_norm != (norms[f"{where}.attn.k_norm"] is not None):
             raise _unsupported(src, f"q_norm without k_norm at {where}")
-        if type(mlp) is not TimmMlp:
-            raise _unsupported(src, f"MLP type {type(mlp).__name__} at {where}.mlp (SwiGLU / GLU are not supported)")
-        if not _is_exact_gelu(mlp.act):
-            raise _unsupported(src, f"activation {mlp.act} at {where}.mlp.act (only exact-erf GELU is supported)")
-        if not isinstance(mlp.norm, nn.Identity):
-            raise _unsupported(src, f"MLP hidden norm (scale_mlp_norm) at {where}.mlp")
-        if not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.fc2, nn.Linear):
+        mlp_kind = _timm_mlp_kind(mlp)
+        if mlp_kind is None:
+            raise _unsupported(src, f"MLP type {type(mlp).__name__} at {where}.mlp (Mlp, GluMlp / SwiGLUPacked and "
+                               "SwiGLU are supported)")
+        act = epilogue_activation(mlp.act)
+        allowed = GLU_ACTIVATIONS if mlp_kind != "mlp" else ACTIVATIONS
+        if act not in allowed:
+            raise _unsupported(src, f"activation {mlp.act} at {where}.mlp.act (the fused epilogue computes "
+                               f"{', '.join(allowed)})")
+        norms[f"{where}.mlp.norm"] = _timm_norm(src, f"{where}.mlp.norm", mlp.norm)
+        fc1s = [mlp.fc1_g, mlp.fc1_x] if mlp_kind == "swiglu" else [mlp.fc1]
+        if not all(isinstance(m, nn.Linear) for m in fc1s + [mlp.fc2]):
             raise _unsupported(src, f"non-Linear fc1/fc2 at {where}.mlp (use_conv)")
         proj_bias = attn.proj.bias is not None
-        if (mlp.fc1.bias is not None) != proj_bias or (mlp.fc2.bias is not None) != proj_bias:
+        if any((m.bias is not None) != proj_bias for m in fc1s + [mlp.fc2]):
             raise _unsupported(src, f"MLP biases that differ from the attention projection's at {where}")
+        hidden = fc1s[0].out_features
         for name in ("norm1", "norm2"):
             norms[f"{where}.{name}"] = _timm_norm(src, f"{where}.{name}", getattr(blk, name), required=True)
         layer_scale = []
@@ -251,12 +259,17 @@ def timm_vit_config(model: nn.Module) -> dict:
                 raise _unsupported(src, f"{type(ls).__name__} at {where}.{name}")
         if layer_scale[0] != layer_scale[1]:
             raise _unsupported(src, f"LayerScale on one branch only at {where}")
-        per_block.append(dict(num_heads=attn.num_heads, hidden=mlp.fc1.out_features, qkv_bias=attn.qkv.bias is not None,
-                              proj_bias=proj_bias, qk_norm=qk_norm, layer_scale=layer_scale[0]))
+        per_block.append(dict(num_heads=attn.num_heads, hidden=hidden, qkv_bias=attn.qkv.bias is not None,
+                              proj_bias=proj_bias, qk_norm=qk_norm, layer_scale=layer_scale[0], act=act,
+                              mlp=(mlp_kind, getattr(mlp, "gate_last", None)),
+                              mlp_norm=not isinstance(mlp.norm, nn.Identity)))
     if any(b != per_block[0] for b in per_block[1:]):
         raise _unsupported(src, "blocks with different configurations")
     b0 = per_block[0]
 
+    if getattr(model, "attn_pool", None) is not None:
+        _check_timm_attn_pool(src, model.attn_pool, b0, D)
+        norms["attn_pool.norm"] = _timm_norm(src, "attn_pool.norm", model.attn_pool.norm, required=True)
     norms["norm"] = _timm_norm(src, "norm", model.norm)
     norms["fc_norm"] = _timm_norm(src, "fc_norm", model.fc_norm)
     final_norm, fc_norm = norms["norm"] is not None, norms["fc_norm"] is not None
@@ -278,6 +291,7 @@ def timm_vit_config(model: nn.Module) -> dict:
         embed_dim=D, depth=len(blocks), num_heads=b0["num_heads"], mlp_ratio=_mlp_ratio(D, b0["hidden"]),
         qkv_bias=b0["qkv_bias"], qk_norm=b0["qk_norm"], proj_bias=b0["proj_bias"],
         init_values=1e-5 if b0["layer_scale"] else None, class_token=model.cls_token is not None,
+        reg_tokens=reg_tokens, act_layer=b0["act"], mlp_layer=_mlp_layer(*b0["mlp"]), scale_mlp_norm=b0["mlp_norm"],
         pos_embed="learn" if model.pos_embed is not None else "none", no_embed_class=bool(model.no_embed_class),
         pre_norm=pre_norm, final_norm=final_norm or fc_norm, fc_norm=fc_norm,
         pool_include_prefix=bool(getattr(model, "pool_include_prefix", False)),
@@ -287,6 +301,58 @@ def timm_vit_config(model: nn.Module) -> dict:
         attn_drop_rate=blocks[0].attn.attn_drop.p, drop_path_rate=float(getattr(dp, "drop_prob", 0.0)),
         norm_layer=_norm_layer(norms[first], model.get_submodule(first).eps),
     )
+
+
+def _timm_mlp_kind(mlp: nn.Module) -> str | None:
+    """'mlp', 'glu' (GluMlp, SwiGLUPacked) or 'swiglu' for timm's MLP classes; None for any other."""
+    from timm.layers.mlp import GluMlp as TimmGluMlp
+    from timm.layers.mlp import Mlp as TimmMlp
+    from timm.layers.mlp import SwiGLU as TimmSwiGLU
+
+    return {TimmMlp: "mlp", TimmGluMlp: "glu", TimmSwiGLU: "swiglu"}.get(type(mlp))
+
+
+def _mlp_layer(kind: str, gate_last: bool | None):
+    """VisionTransformer's ``mlp_layer`` for a timm MLP kind (the activation comes with ``act_layer``)."""
+    if kind == "glu":
+        return functools.partial(GluMlp, gate_last=gate_last)
+    return SwiGLU if kind == "swiglu" else None
+
+
+def _is_timm_distilled(model: nn.Module) -> bool:
+    try:
+        from timm.models.deit import VisionTransformerDistilled as TimmDistilled
+    except ImportError:  # pragma: no cover
+        return False
+    return type(model) is TimmDistilled
+
+
+def _check_timm_attn_pool(src: str, pool: nn.Module, b0: dict, D: int) -> None:
+    """timm's AttentionPoolLatent as ``global_pool='map'`` builds it (SigLIP): one latent, q projection, no
+    q/k norm or position embedding, the blocks' heads, MLP ratio and activation, 'token' pooling."""
+    try:
+        from timm.layers.attention_pool import AttentionPoolLatent as TimmPool
+    except ImportError:  # pragma: no cover
+        raise _unsupported(src, "attention pooling without timm's AttentionPoolLatent") from None
+    if type(pool) is not TimmPool:
+        raise _unsupported(src, f"attention pool {type(pool).__name__}")
+    checks = [
+        (pool.latent_len == 1, f"latent_len={pool.latent_len}"),
+        (pool.pos_embed is None, "an attention-pool position embedding"),
+        (isinstance(pool.q, nn.Linear) and pool.q.bias is not None and pool.kv.bias is not None,
+         "an attention pool without q projection or qkv bias"),
+        (isinstance(pool.q_norm, nn.Identity) and isinstance(pool.k_norm, nn.Identity), "attention-pool q/k norm"),
+        (pool.pool == "token", f"attention-pool pool_type={pool.pool!r}"),
+        (pool.num_heads == b0["num_heads"] and pool.head_dim * pool.num_heads == D,
+         f"attention-pool heads {pool.num_heads} != the blocks' {b0['num_heads']}"),
+        (pool.mlp is not None and pool.mlp.fc1.out_features == b0["hidden"], "an attention-pool MLP width other than "
+         "the blocks'"),
+        (pool.mlp is not None and epilogue_activation(pool.mlp.act) == b0["act"], "an attention-pool activation "
+         "other than the blocks'"),
+    ]
+    for ok, feature in checks:
+        if not ok:
+            raise _unsupported(src, feature)
 
 
 def from_timm(model: nn.Module, backend: str = "auto") -> VisionTransformer:
@@ -306,7 +372,11 @@ def from_timm(model: nn.Module, backend: str = "auto") -> VisionTransformer:
     eps = {name: m.eps for name, m in model.named_modules() if norm_kind(m) is not None}
     drop_path = [float(getattr(blk.drop_path1, "drop_prob", 0.0)) for blk in model.blocks]
     state_dict = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    new = _build(config, state_dict, eps, model.patch_embed.proj.weight, model.training, backend, drop_path)
+    model_cls = VisionTransformerDistilled if _is_timm_distilled(model) else VisionTransformer
+    new = _build(config, state_dict, eps, model.patch_embed.proj.weight, model.training, backend, drop_path,
+                 model_cls)
+    if model_cls is VisionTransformerDistilled:
+        new.distilled_training = bool(model.distilled_training)
     if config["patch_drop_rate"] > 0:  # the source module's settings (timm's constructor leaves ordered False)
         new.patch_drop.ordered = bool(model.patch_drop.ordered)
         new.patch_drop.num_prefix_tokens = int(model.patch_drop.num_prefix_tokens)
@@ -404,8 +474,24 @@ def _hf_layers(vit: nn.Module) -> list[dict]:
                  fc1=l.intermediate.dense, fc2=l.output.dense) for l in vit.encoder.layer]
 
 
+def _from_hf_family(model: nn.Module, backend: str) -> VisionTransformer:
+    """DINOv2 (with registers) and SigLIP / SigLIP2 vision towers: vitkernels.convert_hf maps them to timm's
+    arguments and keys, which VisionTransformer takes as they are."""
+    from vitkernels.convert_hf import hf_to_timm
+
+    kwargs, state_dict = hf_to_timm(model)
+    like = next(iter(state_dict.values()))
+    new = VisionTransformer(**kwargs, weight_init="skip", backend=backend).to(device=like.device, dtype=like.dtype)
+    new.load_state_dict(state_dict, strict=True)
+    return new.train(model.training)
+
+
 def from_hf(model: nn.Module, backend: str = "auto") -> VisionTransformer:
-    """A vitkernels VisionTransformer equal to a transformers ``ViTModel`` / ``ViTForImageClassification``.
+    """A vitkernels VisionTransformer equal to a transformers ``ViTModel`` / ``ViTForImageClassification``, or
+    to a DINOv2 (``Dinov2Model``, ``Dinov2WithRegistersModel``) or SigLIP / SigLIP2 vision model
+    (``SiglipVisionModel``, ``Siglip2VisionModel``, the vision tower of ``SiglipModel`` / ``Siglip2Model``,
+    ``Siglip*ForImageClassification``; vitkernels/convert_hf.py): for those, forward_features equals
+    ``last_hidden_state`` and the attention-pool head's output ``pooler_output``.
 
     For ``ViTModel`` the result has no head (num_classes=0): its ``forward_features`` equals
     ``last_hidden_state``. HF's pooler (dense + tanh on the class token, ``pooler_output``) has no
@@ -414,6 +500,10 @@ def from_hf(model: nn.Module, backend: str = "auto") -> VisionTransformer:
     (``config.layer_norm_eps``, 1e-12 by default in HF, not timm's 1e-6).
     """
     src = "from_hf"
+    from vitkernels.convert_hf import _CLASSES, _REJECTED
+
+    if type(model).__name__ in _CLASSES + tuple(_REJECTED):
+        return _from_hf_family(model, backend)
     try:
         from transformers import ViTForImageClassification, ViTModel
     except ImportError as exc:

@@ -10,7 +10,12 @@ with T = prefix + N tokens, width C, hidden width Ch = mlp_ratio * C, patch P, i
     attn_values   2 * T * T * C               (softmax(.) v)
     proj          2 * T * C * C
     mlp           2 * T * C * Ch * 2          (fc1 and fc2)
-    head          2 * C * K                   (one pooled token)
+    attn_pool     2 * (S * C * 2C + 2 * S * C + C * C + C * Ch * 2)   SigLIP's 'map' head: kv of the S pooled tokens,
+                                              one latent query's scores and values, proj, MLP; + 2 C C once per
+                                              batch for the latent's q projection (the same for every image)
+    head          2 * C * K                   (one pooled token; x 2 with DeiT's distillation head)
+
+T counts every prefix token (class, register, distillation).
 
 vit_base_patch16_224: 35.13 GFLOPs = 17.56 GMACs per image (timm reports 17.58 GMACs).
 
@@ -28,7 +33,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-PARTS = ("patch_embed", "qkv", "attn_scores", "attn_values", "proj", "mlp", "head")
+import torch
+
+PARTS = ("patch_embed", "qkv", "attn_scores", "attn_values", "proj", "mlp", "attn_pool", "head")
 _BLOCK_PARTS = ("qkv", "attn_scores", "attn_values", "proj", "mlp")
 
 
@@ -45,6 +52,9 @@ class ViTShape:
     mlp_hidden: int
     num_prefix_tokens: int
     num_classes: int
+    attn_pool: bool = False  # SigLIP's 'map' head (one latent query, the blocks' MLP width)
+    pool_include_prefix: bool = False  # the attention pool reads the prefix tokens too
+    num_heads: int = 1  # classifier heads: 2 with DeiT's distillation head
 
 
 def shape_of(model, image_size=None) -> ViTShape:
@@ -57,12 +67,14 @@ def shape_of(model, image_size=None) -> ViTShape:
         model = model_config(model)
     if isinstance(model, dict):
         cfg = dict(img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768, depth=12,
-                   mlp_ratio=4.0, class_token=True)
+                   mlp_ratio=4.0, class_token=True, reg_tokens=0, global_pool="token", pool_include_prefix=False)
         cfg.update(model)  # other constructor arguments do not change FLOPs
         img = cfg["img_size"] if image_size is None else image_size
         C = int(cfg["embed_dim"])
         return ViTShape(_pair(img), int(cfg["patch_size"]), int(cfg["in_chans"]), C, int(cfg["depth"]), 3 * C,
-                        int(C * cfg["mlp_ratio"]), 1 if cfg["class_token"] else 0, int(cfg["num_classes"]))
+                        int(C * cfg["mlp_ratio"]), (1 if cfg["class_token"] else 0) + int(cfg["reg_tokens"]),
+                        int(cfg["num_classes"]), attn_pool=cfg["global_pool"] == "map",
+                        pool_include_prefix=bool(cfg["pool_include_prefix"]))
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     model = getattr(model, "module", model)  # DistributedDataParallel wrapper
     try:
@@ -81,6 +93,9 @@ def shape_of(model, image_size=None) -> ViTShape:
         mlp_hidden=block.mlp.fc1.out_features if block is not None else 0,
         num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)),
         num_classes=getattr(head, "out_features", 0),
+        attn_pool=getattr(model, "attn_pool", None) is not None,
+        pool_include_prefix=bool(getattr(model, "pool_include_prefix", False)),
+        num_heads=2 if isinstance(getattr(model, "head_dist", None), torch.nn.Linear) else 1,
     )
 
 
@@ -121,7 +136,8 @@ class FlopCount:
 
 
 def forward_by_part(shape: ViTShape) -> dict[str, int]:
-    """Forward FLOPs of one image, by part."""
+    """Forward FLOPs of one image, by part (the attention pool's per-batch q projection is not in it: see
+    ``per_batch``)."""
     H, W = shape.img_size
     P = shape.patch_size
     if H % P or W % P:
@@ -136,8 +152,23 @@ def forward_by_part(shape: ViTShape) -> dict[str, int]:
         "attn_values": L * 2 * T * T * C,
         "proj": L * 2 * T * C * C,
         "mlp": L * 2 * T * C * shape.mlp_hidden * 2,
-        "head": 2 * C * shape.num_classes,
+        "attn_pool": _attn_pool(shape, N),
+        "head": 2 * C * shape.num_classes * shape.num_heads,
     }
+
+
+def _attn_pool(shape: ViTShape, N: int) -> int:
+    if not shape.attn_pool:
+        return 0
+    S = N + (shape.num_prefix_tokens if shape.pool_include_prefix else 0)  # the tokens the latent attends over
+    C = shape.embed_dim
+    return 2 * (S * C * 2 * C + 2 * S * C + C * C + C * shape.mlp_hidden * 2)
+
+
+def per_batch(shape: ViTShape) -> int:
+    """Forward FLOPs spent once per batch, whatever its size: the attention pool's q projection of its one
+    learned latent (2 C^2)."""
+    return 2 * shape.embed_dim * shape.embed_dim if shape.attn_pool else 0
 
 
 def count(model, image_size=None, batch_size: int = 1, training: bool = False, recompute: bool | None = None
@@ -161,10 +192,11 @@ def count(model, image_size=None, batch_size: int = 1, training: bool = False, r
                      and getattr(inner, "checkpoint_mode", "full") == "full")
     recompute = bool(recompute and training)
     by_part = {}
+    once = per_batch(shape)
     for part, f in fwd.items():
         mult = (3 + (1 if recompute and part in _BLOCK_PARTS else 0)) if training else 1
-        by_part[part] = f * mult * batch_size
-    model_flops = sum(fwd.values()) * (3 if training else 1) * batch_size
+        by_part[part] = f * mult * batch_size + (once * mult if part == "attn_pool" else 0)
+    model_flops = (sum(fwd.values()) * batch_size + once) * (3 if training else 1)
     return FlopCount(sum(by_part.values()), by_part, model_flops, batch_size, training, recompute, shape)
 
 

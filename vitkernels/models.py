@@ -41,6 +41,50 @@ _NAMES = {
     "vit_huge_patch14_224": ("huge", 14, 224, 0),
 }
 
+# The families people fine-tune today (issue #17): name -> (the model class, its arguments), as timm's entry
+# points build them (timm 1.0.31). img_size / num_classes come from the pretrained config, as for the above.
+_DINOV2 = dict(patch_size=14, init_values=1e-5)
+_REG4 = dict(_DINOV2, reg_tokens=4, no_embed_class=True)
+_GIANT = dict(embed_dim=1536, depth=40, num_heads=24, mlp_ratio=5.33334, mlp_layer="swiglupacked", act_layer="silu")
+_SIGLIP = dict(class_token=False, global_pool="map")
+_SO400M = dict(embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.7362)
+_CLIP = dict(pre_norm=True, norm_eps=1e-5, act_layer="quick_gelu")
+_ARCHS = {
+    "vit_small_patch14_dinov2": ("vit", dict(_FAMILIES["small"], **_DINOV2)),
+    "vit_base_patch14_dinov2": ("vit", dict(_FAMILIES["base"], **_DINOV2)),
+    "vit_large_patch14_dinov2": ("vit", dict(_FAMILIES["large"], **_DINOV2)),
+    "vit_giant_patch14_dinov2": ("vit", dict(_GIANT, **_DINOV2)),
+    "vit_small_patch14_reg4_dinov2": ("vit", dict(_FAMILIES["small"], **_REG4)),
+    "vit_base_patch14_reg4_dinov2": ("vit", dict(_FAMILIES["base"], **_REG4)),
+    "vit_large_patch14_reg4_dinov2": ("vit", dict(_FAMILIES["large"], **_REG4)),
+    "vit_giant_patch14_reg4_dinov2": ("vit", dict(_GIANT, **_REG4)),
+    "vit_base_patch16_siglip_224": ("vit", dict(_FAMILIES["base"], patch_size=16, **_SIGLIP)),
+    "vit_base_patch16_siglip_256": ("vit", dict(_FAMILIES["base"], patch_size=16, **_SIGLIP)),
+    "vit_base_patch16_siglip_384": ("vit", dict(_FAMILIES["base"], patch_size=16, **_SIGLIP)),
+    "vit_large_patch16_siglip_256": ("vit", dict(_FAMILIES["large"], patch_size=16, **_SIGLIP)),
+    "vit_so400m_patch14_siglip_224": ("vit", dict(_SO400M, patch_size=14, **_SIGLIP)),
+    "vit_so400m_patch14_siglip_378": ("vit", dict(_SO400M, patch_size=14, **_SIGLIP)),
+    "vit_so400m_patch14_siglip_384": ("vit", dict(_SO400M, patch_size=14, **_SIGLIP)),
+    "vit_so400m_patch16_siglip_256": ("vit", dict(_SO400M, patch_size=16, act_layer="gelu_tanh", **_SIGLIP)),
+    "vit_base_patch16_clip_quickgelu_224": ("vit", dict(_FAMILIES["base"], patch_size=16, **_CLIP)),
+    "vit_base_patch32_clip_quickgelu_224": ("vit", dict(_FAMILIES["base"], patch_size=32, **_CLIP)),
+    "vit_large_patch14_clip_quickgelu_224": ("vit", dict(_FAMILIES["large"], patch_size=14, **_CLIP)),
+    "deit_tiny_distilled_patch16_224": ("deit_distilled", dict(_FAMILIES["tiny"], patch_size=16)),
+    "deit_small_distilled_patch16_224": ("deit_distilled", dict(_FAMILIES["small"], patch_size=16)),
+    "deit_base_distilled_patch16_224": ("deit_distilled", dict(_FAMILIES["base"], patch_size=16)),
+    "deit_base_distilled_patch16_384": ("deit_distilled", dict(_FAMILIES["base"], patch_size=16)),
+}
+for _name, (_family, _patch, _img, _classes) in _NAMES.items():
+    _ARCHS.setdefault(_name, ("vit", dict(_FAMILIES[_family], patch_size=_patch)))
+
+
+def _model_class(kind: str):
+    if kind == "deit_distilled":
+        from vitkernels.nn.deit import VisionTransformerDistilled
+
+        return VisionTransformerDistilled
+    return VisionTransformer
+
 
 def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
     """Model names known to ``create_model`` (fnmatch ``pattern``), sorted; with ``pretrained``, every
@@ -49,7 +93,7 @@ def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
 
     from vitkernels.pretrained import list_pretrained
 
-    names = list_pretrained() if pretrained else _NAMES
+    names = list_pretrained() if pretrained else _ARCHS
     return sorted(n for n in names if fnmatch.fnmatch(n, pattern))
 
 
@@ -60,8 +104,8 @@ def _arch(name: str) -> tuple[str, str]:
         raise ValueError(f"model name {name!r}: vitkernels builds its own architectures by timm name (optionally "
                          "'name.tag'); it reads no model configs from the Hugging Face hub or local directories")
     arch, tag = split_model_name_tag(name)
-    if arch not in _NAMES:
-        close = [n for n in _NAMES if arch.split("_")[0] in n][:5]
+    if arch not in _ARCHS:
+        close = [n for n in _ARCHS if arch.split("_")[0] in n][:5]
         raise ValueError(f"unknown model {arch!r}; known models: {', '.join(list_models())}"
                          + (f" (did you mean one of {close}?)" if close else ""))
     return arch, tag
@@ -73,11 +117,10 @@ def model_config(name: str) -> dict:
     from vitkernels.pretrained import resolve_pretrained_cfg
 
     arch, tag = _arch(name)
-    family, patch, img, classes = _NAMES[arch]
     cfg = resolve_pretrained_cfg(arch, tag or None)
     H, W = cfg["input_size"][-2:]
-    return dict(_FAMILIES[family], patch_size=patch, img_size=H if H == W else (H, W),
-                in_chans=cfg["input_size"][0], num_classes=cfg["num_classes"])
+    return dict(_ARCHS[arch][1], img_size=H if H == W else (H, W), in_chans=cfg["input_size"][0],
+                num_classes=cfg["num_classes"])
 
 
 _FEATURE_CFG_KEYS = ("out_indices", "feature_cls", "output_fmt", "norm", "prune", "flatten_sequential", "no_rewrite")
@@ -131,8 +174,8 @@ def create_model(model_name: str, pretrained: bool = False, pretrained_cfg=None,
     feature_cls = kwargs.pop("feature_cls", feature_cfg.pop("feature_cls", "getter"))
     user_args = {k: v for k, v in kwargs.items() if k not in ("device", "dtype")}
 
-    family, patch, _, _ = _NAMES[arch]
-    args = {**_FAMILIES[family], "patch_size": patch, **kwargs}
+    kind, arch_args = _ARCHS[arch]
+    args = {**arch_args, **kwargs}
     # timm's _update_default_model_kwargs: defaults from the pretrained config.
     if cfg.get("num_classes") is not None and cfg["num_classes"] >= 0:
         args.setdefault("num_classes", cfg["num_classes"])
@@ -140,7 +183,7 @@ def create_model(model_name: str, pretrained: bool = False, pretrained_cfg=None,
         args.setdefault("in_chans", cfg["input_size"][0])
         if cfg.get("fixed_input_size", False):
             args.setdefault("img_size", tuple(cfg["input_size"][-2:]))
-    model = VisionTransformer(**args)
+    model = _model_class(kind)(**args)
     model.pretrained_cfg = model.default_cfg = cfg
     model.pretrained_model_args = {}
     model._model_args = dict(user_args)

@@ -11,13 +11,16 @@ forwards of the model (``forward_features``), of each ``Block`` and its ``attn``
 ``attention_forward``, ``mlp_forward`` in vitkernels/nn/), which call ``vitkernels.ops`` with the timm modules'
 own parameters:
 
-    patch embed + class token + position embedding   one ops.patch_embed
+    patch embed + prefix tokens + position embedding one ops.patch_embed (class, register, distillation tokens)
     norm1 + qkv                                      ops.ln_linear (LayerNorm fused into the GEMM)
     attention                                        ops.attention on strided views of the qkv output
     proj (+ residual)                                ops.linear with the residual add in its epilogue
-    norm2 + fc1 + GELU + fc2 (+ residual)            ops.ln_mlp, one op (only z = fc1's pre-activation is
-                                                     stored between the GEMMs)
-    other LayerNorms (norm_pre, norm, fc_norm, q/k norm), head   ops.layer_norm, ops.linear
+    norm2 + fc1 + act + fc2 (+ residual)             ops.ln_mlp, one op (only z = fc1's pre-activation is
+                                                     stored between the GEMMs; exact / tanh-GELU, QuickGELU,
+                                                     SiLU)
+    other LayerNorms (norm_pre, norm, fc_norm, q/k norm), heads  ops.layer_norm, ops.linear
+    attention-pool head (global_pool='map', SigLIP)  vitkernels/nn/attention_pool.py: ops.linear, ops.attention
+                                                     (one latent query over the tokens), ops.ln_mlp
 
 With ``lean=False`` the blocks call every submodule instead (ops.layer_norm for norm1 / norm2, ops.linear for
 qkv, fc1 + GELU, fc2), saving what timm saves for the backward; see vitkernels/nn/block.py.
@@ -30,8 +33,8 @@ patch dropout (``patch_drop``, after the embedding), and the pooling ('token', '
 
 Attention dropout during training, and timm's masked forward (``attn_mask`` / ``is_causal``), use PyTorch's
 SDPA for the attention itself (no fused kernel implements them); the GEMMs stay fused. Configurations that
-``vitkernels.from_timm`` rejects (register tokens, attention pooling, tanh-GELU, SwiGLU, ...) are rejected
-here with the same errors.
+``vitkernels.from_timm`` rejects (SwiGLU / GLU MLPs, RoPE models, 'prr' pooling, ...) are rejected here with
+the same errors.
 
 Nothing the timm model could do is lost: ``forward_intermediates`` (and timm's ``get_intermediate_layers``,
 ``FeatureGetterNet``) run the fused embedding and blocks, the same code path as ``forward_features``;
@@ -54,6 +57,7 @@ from vitkernels.backends import OPS, BackendError, check_name, resolve
 from vitkernels.convert import timm_vit_config
 from vitkernels.features import forward_intermediates, trunk
 from vitkernels.nn.attention import attention_forward
+from vitkernels.nn.attention_pool import attention_pool_forward
 from vitkernels.nn.block import block_forward
 from vitkernels.nn.mlp import mlp_forward
 from vitkernels.nn.vision_transformer import embed_tokens
@@ -92,6 +96,10 @@ def _attention_forward(self: nn.Module, x: torch.Tensor, residual: torch.Tensor 
 
 def _mlp_forward(self: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     return mlp_forward(self, x, residual, getattr(self, _BACKEND))
+
+
+def _attention_pool_forward(self: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    return attention_pool_forward(self, x, getattr(self, _BACKEND), attn_mask)
 
 
 def _block_forward(self: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -168,8 +176,11 @@ def patch_timm(model: nn.Module, backend: str = "auto", lean: bool = True) -> nn
         setattr(blk, _LEAN, lean)
         _bind(blk.attn, "forward", _attention_forward, backend)
         _bind(blk.mlp, "forward", _mlp_forward, backend)
-    if isinstance(model.head, nn.Linear):
-        _bind(model.head, "forward", _linear_forward, backend)
+    for head in (model.head, getattr(model, "head_dist", None)):
+        if isinstance(head, nn.Linear):
+            _bind(head, "forward", _linear_forward, backend)
+    if getattr(model, "attn_pool", None) is not None:
+        _bind(model.attn_pool, "forward", _attention_pool_forward, backend)
     _bind(model, "forward_features", _forward_features, backend)
     _bind(model, "forward_intermediates", _forward_intermediates, backend)
     _bind(model, "__prepare_scriptable__", _prepare_scriptable, backend)

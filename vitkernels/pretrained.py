@@ -95,6 +95,47 @@ _TABLE = {
     "vit_tiny_patch16_224.augreg_in21k_ft_in1k": _cfg(url='https://storage.googleapis.com/vit_models/augreg/Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.03-res_224.npz', custom_load=True),
     "vit_tiny_patch16_224.augreg_in21k": _cfg(url='https://storage.googleapis.com/vit_models/augreg/Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz', custom_load=True, num_classes=21843),
     "vit_tiny_patch16_384.augreg_in21k_ft_in1k": _cfg(url='https://storage.googleapis.com/vit_models/augreg/Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.03-res_384.npz', custom_load=True, input_size=(3, 384, 384), crop_pct=1.0),
+    # the families of issue #17: DINOv2 (with registers), SigLIP / SigLIP2 (v2_webli tags), CLIP QuickGELU, DeiT distilled
+    "vit_small_patch14_dinov2.lvd142m": _cfg(url='https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth', input_size=(3, 518, 518), crop_pct=1.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_classes=0),
+    "vit_base_patch14_dinov2.lvd142m": _cfg(url='https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth', input_size=(3, 518, 518), crop_pct=1.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_classes=0),
+    "vit_large_patch14_dinov2.lvd142m": _cfg(url='https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth', input_size=(3, 518, 518), crop_pct=1.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_classes=0),
+    "vit_giant_patch14_dinov2.lvd142m": _cfg(url='https://dl.fbaipublicfiles.com/dinov2/dinov2_vitg14/dinov2_vitg14_pretrain.pth', input_size=(3, 518, 518), crop_pct=1.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_classes=0),
+    "vit_small_patch14_reg4_dinov2.lvd142m": _cfg(url='https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_reg4_pretrain.pth', input_size=(3, 518, 518), crop_pct=1.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_classes=0),
+    "vit_base_patch14_reg4_dinov2.lvd142m": _cfg(url='https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth', input_size=(3, 518, 518), crop_pct=1.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_classes=0),
+    "vit_large_patch14_reg4_dinov2.lvd142m": _cfg(url='https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_reg4_pretrain.pth', input_size=(3, 518, 518), crop_pct=1.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_classes=0),
+    "vit_giant_patch14_reg4_dinov2.lvd142m": _cfg(url='https://dl.fbaipublicfiles.com/dinov2/dinov2_vitg14/dinov2_vitg14_reg4_pretrain.pth', input_size=(3, 518, 518), crop_pct=1.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_classes=0),
+    "vit_base_patch16_siglip_224.v2_webli": _cfg(num_classes=0),
+    "vit_base_patch16_siglip_224.webli": _cfg(num_classes=0),
+    "vit_base_patch16_siglip_256.v2_webli": _cfg(input_size=(3, 256, 256), num_classes=0),
+    "vit_base_patch16_siglip_256.webli": _cfg(input_size=(3, 256, 256), num_classes=0),
+    "vit_base_patch16_siglip_256.webli_i18n": _cfg(input_size=(3, 256, 256), num_classes=0),
+    "vit_base_patch16_siglip_384.v2_webli": _cfg(input_size=(3, 384, 384), num_classes=0),
+    "vit_base_patch16_siglip_384.webli": _cfg(input_size=(3, 384, 384), num_classes=0),
+    "vit_large_patch16_siglip_256.v2_webli": _cfg(input_size=(3, 256, 256), num_classes=0),
+    "vit_large_patch16_siglip_256.webli": _cfg(input_size=(3, 256, 256), num_classes=0),
+    "vit_so400m_patch14_siglip_224.v2_webli": _cfg(num_classes=0),
+    "vit_so400m_patch14_siglip_224.webli": _cfg(num_classes=0),
+    "vit_so400m_patch14_siglip_378.v2_webli": _cfg(input_size=(3, 378, 378), num_classes=0),
+    "vit_so400m_patch14_siglip_378.webli": _cfg(input_size=(3, 378, 378), num_classes=0),
+    "vit_so400m_patch14_siglip_378.webli_ft_in1k": _cfg(input_size=(3, 378, 378), crop_pct=1.0, crop_mode='squash'),
+    "vit_so400m_patch14_siglip_384.webli": _cfg(input_size=(3, 384, 384), num_classes=0),
+    "vit_so400m_patch16_siglip_256.v2_webli": _cfg(input_size=(3, 256, 256), num_classes=0),
+    "vit_so400m_patch16_siglip_256.webli_i18n": _cfg(input_size=(3, 256, 256), num_classes=0),
+    "vit_base_patch16_clip_quickgelu_224.metaclip_2pt5b": _cfg(hub=False, hf_hub_id='timm/vit_base_patch16_clip_224.metaclip_2pt5b', crop_pct=1.0, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711), num_classes=512, license='cc-by-nc-4.0', notes=('natively QuickGELU, use quickgelu model variant for original results',)),
+    "vit_base_patch16_clip_quickgelu_224.metaclip_400m": _cfg(hub=False, hf_hub_id='timm/vit_base_patch16_clip_224.metaclip_400m', crop_pct=1.0, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711), num_classes=512, license='cc-by-nc-4.0', notes=('natively QuickGELU, use quickgelu model variant for original results',)),
+    "vit_base_patch16_clip_quickgelu_224.openai": _cfg(hub=False, hf_hub_id='timm/vit_base_patch16_clip_224.openai', mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711), num_classes=512, notes=('natively QuickGELU, use quickgelu model variant for original results',)),
+    "vit_base_patch32_clip_quickgelu_224.laion400m_e32": _cfg(hub=False, hf_hub_id='timm/vit_base_patch32_clip_224.laion400m_e32', mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711), num_classes=512, license='mit', notes=('natively QuickGELU, use quickgelu model variant for original results',)),
+    "vit_base_patch32_clip_quickgelu_224.metaclip_2pt5b": _cfg(hub=False, hf_hub_id='timm/vit_base_patch32_clip_224.metaclip_2pt5b', crop_pct=1.0, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711), num_classes=512, license='cc-by-nc-4.0', notes=('natively QuickGELU, use quickgelu model variant for original results',)),
+    "vit_base_patch32_clip_quickgelu_224.metaclip_400m": _cfg(hub=False, hf_hub_id='timm/vit_base_patch32_clip_224.metaclip_400m', crop_pct=1.0, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711), num_classes=512, license='cc-by-nc-4.0', notes=('natively QuickGELU, use quickgelu model variant for original results',)),
+    "vit_base_patch32_clip_quickgelu_224.openai": _cfg(hub=False, hf_hub_id='timm/vit_base_patch32_clip_224.openai', mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711), num_classes=512, notes=('natively QuickGELU, use quickgelu model variant for original results',)),
+    "vit_large_patch14_clip_quickgelu_224.dfn2b": _cfg(hub=False, hf_hub_id='timm/vit_large_patch14_clip_224.dfn2b', crop_pct=1.0, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711), num_classes=768, license='apple-ascl', notes=('natively QuickGELU, use quickgelu model variant for original results',)),
+    "vit_large_patch14_clip_quickgelu_224.metaclip_2pt5b": _cfg(hub=False, hf_hub_id='timm/vit_large_patch14_clip_224.metaclip_2pt5b', crop_pct=1.0, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711), num_classes=768, license='cc-by-nc-4.0', notes=('natively QuickGELU, use quickgelu model variant for original results',)),
+    "vit_large_patch14_clip_quickgelu_224.metaclip_400m": _cfg(hub=False, hf_hub_id='timm/vit_large_patch14_clip_224.metaclip_400m', crop_pct=1.0, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711), num_classes=768, license='cc-by-nc-4.0', notes=('natively QuickGELU, use quickgelu model variant for original results',)),
+    "vit_large_patch14_clip_quickgelu_224.openai": _cfg(hub=False, hf_hub_id='timm/vit_large_patch14_clip_224.openai', crop_pct=1.0, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711), num_classes=768, notes=('natively QuickGELU, use quickgelu model variant for original results',)),
+    "deit_tiny_distilled_patch16_224.fb_in1k": _cfg(url='https://dl.fbaipublicfiles.com/deit/deit_tiny_distilled_patch16_224-b40b3cf7.pth', mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), classifier=('head', 'head_dist')),
+    "deit_small_distilled_patch16_224.fb_in1k": _cfg(url='https://dl.fbaipublicfiles.com/deit/deit_small_distilled_patch16_224-649709d9.pth', mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), classifier=('head', 'head_dist')),
+    "deit_base_distilled_patch16_224.fb_in1k": _cfg(url='https://dl.fbaipublicfiles.com/deit/deit_base_distilled_patch16_224-df68dfff.pth', mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), classifier=('head', 'head_dist')),
+    "deit_base_distilled_patch16_384.fb_in1k": _cfg(url='https://dl.fbaipublicfiles.com/deit/deit_base_distilled_patch16_384-d0272ac0.pth', input_size=(3, 384, 384), crop_pct=1.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), classifier=('head', 'head_dist')),
 
 }
 
@@ -105,7 +146,9 @@ def _register(table: dict) -> dict:
         arch, tag = key.split(".", 1)
         cfg = dict(cfg)
         hub = cfg.pop("_hub")
-        cfg.update(architecture=arch, tag=tag, hf_hub_id=f"timm/{key}" if hub else None)
+        cfg.update(architecture=arch, tag=tag)
+        if hub:  # timm/<arch.tag>; else none, or the one given (CLIP QuickGELU shares another name's weights)
+            cfg["hf_hub_id"] = f"timm/{key}"
         out[key] = {k: cfg[k] for k in FIELDS}
     return out
 

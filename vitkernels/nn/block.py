@@ -3,7 +3,7 @@
 Two data paths, chosen per block by ``lean`` (default True):
 
 - lean: the memory-lean fused block. ``norm1`` is fused into the qkv GEMM (``ops.ln_linear``) and
-  ``norm2 -> fc1 -> GELU -> fc2 (+ residual)`` is one op (``ops.ln_mlp``), so the backward keeps per token
+  ``norm2 -> fc1 -> act -> fc2 (+ residual)`` is one op (``ops.ln_mlp``), so the backward keeps per token
   x, qkv (q, k, v are views of it), the attention output and its log-sum-exp, x1 = x + attention branch, the
   fc1 pre-activation z (4 C) and fp32 LayerNorm statistics: 10 C values, where the per-op path (and timm)
   keeps 16 C (also LN1(x), LN2(x1) and GELU(z)). The LayerNorm and GELU outputs are recomputed inside the
@@ -33,7 +33,7 @@ from torch import nn
 
 from vitkernels import ops
 from vitkernels.nn.attention import Attention, attention_from_qkv
-from vitkernels.nn.mlp import Mlp
+from vitkernels.nn.mlp import ACTIVATIONS, epilogue_activation, is_gated, mlp_factory
 from vitkernels.nn.norm import LayerNorm
 from vitkernels.nn.patch_embed import is_fx_tracing
 
@@ -81,7 +81,7 @@ class Block(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, qk_norm=False, proj_bias=True,
                  proj_drop=0.0, attn_drop=0.0, init_values=None, drop_path=0.0, norm_eps=1e-6,
                  backend: str = "auto", lean: bool = True, fp32_residual: bool = False, norm_layer=None,
-                 device=None, dtype=None):
+                 act_layer=None, mlp_layer=None, scale_mlp_norm: bool = False, device=None, dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         norm_layer = norm_layer or functools.partial(LayerNorm, eps=norm_eps, backend=backend)
@@ -92,8 +92,13 @@ class Block(nn.Module):
         self.ls1 = LayerScale(dim, init_values, **dd) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim, **dd)
-        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), bias=proj_bias, drop=proj_drop, backend=backend,
-                       **dd)
+        # mlp_layer: timm's argument, or mlp_factory's (class, fixed arguments); timm passes the block's
+        # act_layer (default GELU) over a partial's, and a norm over the hidden width with scale_mlp_norm.
+        mlp_cls, mlp_kwargs = mlp_layer if isinstance(mlp_layer, tuple) else mlp_factory(mlp_layer)
+        mlp_kwargs = dict(mlp_kwargs, act_layer=act_layer if act_layer is not None else "gelu",
+                          norm_layer=norm_layer if scale_mlp_norm else None, bias=proj_bias)
+        self.mlp = mlp_cls(dim, hidden_features=int(dim * mlp_ratio), drop=proj_drop, backend=backend, **mlp_kwargs,
+                           **dd)
         self.ls2 = LayerScale(dim, init_values, **dd) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.backend = backend
@@ -114,10 +119,12 @@ def _is_layer_norm(m: nn.Module) -> bool:
 
 def lean_parts(blk: nn.Module) -> tuple[bool, bool]:
     """Which halves of ``blk`` the lean path can fuse: (norm1 into qkv, norm2 + MLP as one op). The MLP half
-    needs timm's plain Mlp (exact GELU, no inner norm, no active dropout)."""
+    needs timm's plain Mlp (an activation of the fused epilogue, no inner norm, no active dropout); a gated
+    MLP runs norm2, then its fused GLU fc1 and fc2 (vitkernels/nn/mlp.py)."""
     mlp = blk.mlp
     act = getattr(mlp, "act", None)
-    mlp_ok = (_is_layer_norm(blk.norm2) and isinstance(act, nn.GELU) and act.approximate == "none"
+    mlp_ok = (_is_layer_norm(blk.norm2) and act is not None and epilogue_activation(act) in ACTIVATIONS
+              and not is_gated(mlp)
               and isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity)
               and not (blk.training and (mlp.drop1.p > 0 or mlp.drop2.p > 0)))
     return _is_layer_norm(blk.norm1), mlp_ok
@@ -132,7 +139,7 @@ def keeps_fp32_stream(blk: nn.Module, x: torch.Tensor) -> bool:
 def _ln_mlp(blk: nn.Module, x: torch.Tensor, backend: str, add_input: bool) -> torch.Tensor:
     n2, fc1, fc2 = blk.norm2, blk.mlp.fc1, blk.mlp.fc2
     return ops.ln_mlp(x, n2.weight, n2.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, eps=n2.eps,
-                      add_input=add_input, backend=backend)
+                      add_input=add_input, activation=epilogue_activation(blk.mlp.act), backend=backend)
 
 
 def block_forward(blk: nn.Module, x: torch.Tensor, backend: str, lean: bool = True,

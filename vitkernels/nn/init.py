@@ -117,6 +117,8 @@ def init_vit(model: nn.Module, mode: str, needs_reset: bool = True, fix_init: bo
         trunc_normal_(model.pos_embed, std=0.02)
     if model.cls_token is not None:
         nn.init.normal_(model.cls_token, std=1e-6)
+    if getattr(model, "reg_token", None) is not None:
+        nn.init.normal_(model.reg_token, std=1e-6)
     if mode.startswith("jax"):
         fn = lambda m, n: init_jax(m, n, head_bias=head_bias, needs_reset=needs_reset)  # noqa: E731
     elif mode.startswith("moco"):

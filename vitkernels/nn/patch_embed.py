@@ -42,13 +42,20 @@ def check_images(pe: nn.Module, x: torch.Tensor) -> None:
             f"input image size {H}x{W} does not match the model's {img_size[0]}x{img_size[1]} "
             "(build the model with dynamic_img_size=True to accept other sizes)"
         )
-    if not getattr(pe, "dynamic_img_pad", False) and (H % P or W % P):
+    fixed_size = pe.strict_img_size and (H, W) == img_size  # timm's Conv2d drops a remainder of the fixed size
+    if not getattr(pe, "dynamic_img_pad", False) and (H % P or W % P) and not fixed_size:
         raise ValueError(f"input image size {H}x{W} is not divisible by the patch size {P}")
 
 
 def pad_images(pe: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """With ``pe.dynamic_img_pad``: zero-pad right and bottom to multiples of P (timm's F.pad); else x."""
+    """With ``pe.dynamic_img_pad``: zero-pad right and bottom to multiples of P (timm's F.pad). A fixed
+    img_size that is not a multiple of P (SigLIP so400m/14 at 384: 27 x 27 patches) loses its last rows and
+    columns, as timm's stride-P Conv2d drops them: a view of x. Else x."""
     if not getattr(pe, "dynamic_img_pad", False):
+        gh, gw = pe.grid_size
+        P = pe.proj.kernel_size[0]
+        if pe.strict_img_size and (pe.img_size[0] != gh * P or pe.img_size[1] != gw * P):
+            return x[:, :, :gh * P, :gw * P]
         return x
     P = pe.proj.kernel_size[0]
     H, W = x.shape[-2], x.shape[-1]
@@ -86,10 +93,7 @@ class PatchEmbed(nn.Module):
 
     def _set_img_size(self, img_size) -> None:
         self.img_size = _pair(img_size)
-        p = self.patch_size
-        if not self.dynamic_img_pad and (self.img_size[0] % p[0] or self.img_size[1] % p[1]):
-            raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {p[0]} "
-                             "(dynamic_img_pad=True pads images instead)")
+        p = self.patch_size  # a remainder of img_size is dropped (timm's stride-P Conv2d): see pad_images
         self.grid_size = (self.img_size[0] // p[0], self.img_size[1] // p[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
 

@@ -7,9 +7,12 @@ embedding run through ``vitkernels.ops`` with the backend chosen at construction
 with ``set_backend``); nothing else in the model dispatches.
 
 timm compatibility (timm 1.0.31; tests/test_timm_compat.py holds each point against timm itself): all 42
-constructor arguments of timm's VisionTransformer are accepted; those vitkernels cannot compute (register
-tokens, attention pooling, other activations / MLPs / blocks / attention layers, a norm in the patch
-embedding) raise a ValueError naming the argument and the supported values. The methods around the forward
+constructor arguments of timm's VisionTransformer are accepted; those vitkernels cannot compute (other MLPs /
+blocks / attention layers than timm's plain ones, activations no fused epilogue computes, 'prr' pooling, a norm
+in the patch embedding) raise a ValueError naming the argument and the supported values. Prefix tokens (class
+token, ``reg_tokens`` register tokens, DeiT's distillation token in ``VisionTransformerDistilled``) are
+written by the fused patch embedding; ``global_pool='map'`` (SigLIP) is an attention-pool head on the fused
+attention op (vitkernels/nn/attention_pool.py). The methods around the forward
 (``pretrained_cfg``, ``forward_intermediates``, ``get_intermediate_layers``, ``prune_intermediate_layers``,
 ``feature_info``, ``group_matcher``, ``set_input_size``, ``init_weights`` modes, ``device=`` / ``dtype=``
 construction) behave as timm's. Graph capture: torch.export and torch.fx symbolic tracing work (the ops are
@@ -26,7 +29,9 @@ from torch import nn
 
 from vitkernels import ops
 from vitkernels.backends import check_name, prepare
+from vitkernels.nn.attention_pool import AttentionPoolLatent, attention_pool_forward
 from vitkernels.nn.block import Block
+from vitkernels.nn.mlp import ACTIVATIONS, Mlp, epilogue_activation, mlp_factory
 from vitkernels.nn.norm import norm_factory
 from vitkernels.nn.patch_dropout import PatchDropout
 from vitkernels.nn.patch_embed import PatchEmbed, check_images, is_fx_tracing, pad_images
@@ -56,23 +61,6 @@ def _check_layer(arg: str, value, accepted: dict, what: str) -> None:
                          "implemented yet")
 
 
-def _check_act(act_layer) -> None:
-    if act_layer is None or (isinstance(act_layer, str) and act_layer.lower() == "gelu"):
-        return
-    ok = False
-    if callable(act_layer) and not isinstance(act_layer, str):
-        try:
-            act = act_layer()
-            ok = (isinstance(act, nn.GELU) and act.approximate == "none") or _qualname(type(act)) == \
-                "timm.layers.activations.GELU"
-        except Exception:
-            ok = False
-    if not ok:
-        raise ValueError(f"act_layer={act_layer!r} is not supported: the fused MLP computes exact-erf GELU only "
-                         "(accepted: None, 'gelu', nn.GELU, timm's GELU); tanh-GELU, QuickGELU, SiLU and "
-                         "others are not implemented yet")
-
-
 def embed_tokens(model: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
     """images (B, C, H, W) -> tokens (B, prefix + N, D) in one fused op (patchify, project, class token,
     position embedding), then position dropout (as timm, none without a position embedding); for any model
@@ -94,7 +82,8 @@ def embed_tokens(model: nn.Module, x: torch.Tensor, backend: str) -> torch.Tenso
                 pos_embed, grid, old_size=pe.grid_size,
                 num_prefix_tokens=0 if model.no_embed_class else model.num_prefix_tokens,
             )
-    x = ops.patch_embed(x, proj.weight, proj.bias, pos_embed=pos_embed, cls_token=model.cls_token, backend=backend)
+    x = ops.patch_embed(x, proj.weight, proj.bias, pos_embed=pos_embed, prefix_tokens=prefix_tokens(model),
+                        backend=backend)
     if getattr(model, "fp32_residual", False):
         if tracing:
             raise RuntimeError(FP32_RESIDUAL_FX)
@@ -103,6 +92,17 @@ def embed_tokens(model: nn.Module, x: torch.Tensor, backend: str) -> torch.Tenso
     if model.pos_embed is None:
         return x  # timm applies position dropout only with a position embedding (pos_embed='none': none)
     return model.pos_drop(x)
+
+
+def prefix_tokens(model: nn.Module) -> torch.Tensor | None:
+    """The model's prefix tokens in timm's order, (1, K, D): class token, register tokens, distillation token
+    (each when present), or None. A concatenation of K x D values; its backward splits the patch embedding's
+    prefix gradient back onto each parameter."""
+    parts = [t for t in (model.cls_token, getattr(model, "reg_token", None), getattr(model, "dist_token", None))
+             if t is not None]
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def global_pool_nlc(x: torch.Tensor, pool_type: str = "token", num_prefix_tokens: int = 1,
@@ -124,11 +124,12 @@ def global_pool_nlc(x: torch.Tensor, pool_type: str = "token", num_prefix_tokens
 
 
 def _check_pool(global_pool: str, class_token: bool) -> None:
-    if global_pool in ("map", "prr"):
-        raise ValueError(f"global_pool={global_pool!r} (attention pooling) is not supported yet; use one of "
-                         f"{', '.join(repr(p) for p in POOLS)}")
-    if global_pool not in POOLS:
-        raise ValueError(f"global_pool must be one of {', '.join(repr(p) for p in POOLS)}, got {global_pool!r}")
+    if global_pool == "prr":
+        raise ValueError(f"global_pool='prr' (timm's AttentionPoolPrr) is not supported yet; use one of "
+                         f"{', '.join(repr(p) for p in POOLS + ('map',))}")
+    if global_pool not in POOLS + ("map",):
+        raise ValueError(f"global_pool must be one of {', '.join(repr(p) for p in POOLS + ('map',))}, "
+                         f"got {global_pool!r}")
     if global_pool == "token" and not class_token:
         raise ValueError("global_pool='token' needs class_token=True")
 
@@ -137,15 +138,18 @@ class VisionTransformer(nn.Module):
     """Vision Transformer, a drop-in for ``timm.models.vision_transformer.VisionTransformer`` (timm 1.0.31).
 
     Args (timm's names, order and defaults):
-        img_size, patch_size, in_chans, num_classes, global_pool ('token' | 'avg' | 'max' | 'avgmax' | ''),
-        embed_dim, depth, num_heads, mlp_ratio, qkv_bias, qk_norm, scale_attn_norm / scale_mlp_norm (False
-        only), proj_bias, init_values (LayerScale), class_token, pos_embed ('learn' | 'none'),
-        no_embed_class, reg_tokens (0 only), pre_norm, final_norm, fc_norm (None: on for avg / max pooling),
+        img_size, patch_size, in_chans, num_classes, global_pool ('token' | 'avg' | 'max' | 'avgmax' | 'map' |
+        ''),
+        embed_dim, depth, num_heads, mlp_ratio, qkv_bias, qk_norm, scale_attn_norm (False only),
+        scale_mlp_norm (a norm over the MLP's hidden width), proj_bias, init_values (LayerScale), class_token, pos_embed ('learn' | 'none'),
+        no_embed_class, reg_tokens (register tokens after the class token), pre_norm, final_norm, fc_norm (None: on for avg / max pooling),
         pool_include_prefix, dynamic_img_size, dynamic_img_pad, drop_rate (head), pos_drop_rate,
         patch_drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate, weight_init ('' | 'jax' |
         'jax_nlhb' | 'moco' | 'reset' | 'skip'), fix_init, embed_layer (PatchEmbed), embed_norm_layer (None
         only), norm_layer (LayerNorm variants, RmsNorm: ``vitkernels.nn.norm.norm_factory``), act_layer
-        (exact GELU), block_fn / mlp_layer / attn_layer (timm's or vitkernels' Block / Mlp / Attention),
+        ('gelu' (exact), 'gelu_tanh', 'quick_gelu', 'silu', or their module classes; a gated MLP's gate: 'silu',
+        'gelu', 'gelu_tanh', 'sigmoid'), mlp_layer (Mlp, GluMlp / SwiGLUPacked, SwiGLU: vitkernels/nn/mlp.py),
+        block_fn / attn_layer (timm's or vitkernels' Block / Attention),
         device, dtype.
         norm_eps: LayerNorm eps when norm_layer is None or a name (timm and the paper: 1e-6; HF checkpoints
             use their config's, often 1e-12).
@@ -178,13 +182,9 @@ class VisionTransformer(nn.Module):
                              f"got {weight_init!r}")
         if pos_embed not in ("", "none", "learn"):
             raise ValueError(f"pos_embed must be 'learn' or 'none', got {pos_embed!r}")
-        if reg_tokens:
-            raise ValueError(f"reg_tokens={reg_tokens} is not supported yet: register tokens are not implemented "
-                             "(use reg_tokens=0)")
-        for arg, value in (("scale_attn_norm", scale_attn_norm), ("scale_mlp_norm", scale_mlp_norm)):
-            if value:
-                raise ValueError(f"{arg}=True is not supported yet: the fused attention / MLP have no inner norm "
-                                 f"(use {arg}=False)")
+        if scale_attn_norm:
+            raise ValueError("scale_attn_norm=True is not supported yet: the fused attention has no inner norm "
+                             "(use scale_attn_norm=False)")
         if embed_norm_layer is not None:
             raise ValueError(f"embed_norm_layer={embed_norm_layer!r} is not supported yet: the fused patch "
                              "embedding has no norm (use None)")
@@ -194,12 +194,15 @@ class VisionTransformer(nn.Module):
         _check_layer("block_fn", block_fn, {"vitkernels.nn.block.Block": "Block",
                                             "timm.models.vision_transformer.Block": "Block"},
                      "timm's pre-norm Block")
-        _check_layer("mlp_layer", mlp_layer, {"vitkernels.nn.mlp.Mlp": "Mlp", "timm.layers.mlp.Mlp": "Mlp"},
-                     "timm's Mlp (fc1, GELU, fc2; not SwiGLU / GluMlp)")
+        mlp_cls, mlp_kwargs = mlp_factory(mlp_layer)
         _check_layer("attn_layer", attn_layer, {"vitkernels.nn.attention.Attention": "Attention",
                                                 "timm.layers.attention.Attention": "Attention",
                                                 "attn": "'attn'"}, "timm's Attention")
-        _check_act(act_layer)
+        if mlp_cls is Mlp and epilogue_activation(act_layer) not in ACTIVATIONS:
+            raise ValueError(f"act_layer={act_layer!r} is not supported: the fused MLP epilogue computes exact-erf "
+                             "GELU, tanh-GELU, QuickGELU and SiLU (accepted: None, 'gelu', 'gelu_tanh', "
+                             "'quick_gelu', 'silu', 'swish', nn.GELU (either approximate), nn.SiLU, timm's GELU / "
+                             "GELUTanh / QuickGELU)")
         backend = check_name(backend)
         prepare(backend)
         dd = dict(device=device, dtype=dtype)
@@ -209,8 +212,8 @@ class VisionTransformer(nn.Module):
         self.in_chans = in_chans
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
-        self.num_prefix_tokens = 1 if class_token else 0
-        self.num_reg_tokens = 0
+        self.num_prefix_tokens = (1 if class_token else 0) + reg_tokens
+        self.num_reg_tokens = reg_tokens
         self.has_class_token = class_token
         self.no_embed_class = no_embed_class
         self.pool_include_prefix = pool_include_prefix
@@ -226,7 +229,7 @@ class VisionTransformer(nn.Module):
         num_patches = self.patch_embed.num_patches
         reduction = self.patch_embed.feat_ratio()
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd)) if class_token else None
-        self.reg_token = None
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim, **dd)) if reg_tokens else None
         embed_len = num_patches if no_embed_class else num_patches + self.num_prefix_tokens
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, embed_dim, **dd)) if pos_embed == "learn" else None
         self.pos_drop = nn.Dropout(p=pos_drop_rate)
@@ -238,12 +241,15 @@ class VisionTransformer(nn.Module):
             Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_norm=qk_norm,
                   proj_bias=proj_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
                   init_values=init_values, drop_path=dpr[i], norm_eps=norm_eps, backend=backend,
-                  lean=lean_blocks, fp32_residual=fp32_residual, norm_layer=make_norm, **dd)
+                  lean=lean_blocks, fp32_residual=fp32_residual, norm_layer=make_norm, act_layer=act_layer,
+                  mlp_layer=(mlp_cls, mlp_kwargs), scale_mlp_norm=scale_mlp_norm, **dd)
             for i in range(depth)
         ])
         self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=reduction) for i in range(depth)]
         self.norm = make_norm(embed_dim, **dd) if final_norm and not use_fc_norm else nn.Identity()
-        self.attn_pool = None
+        self.attn_pool = AttentionPoolLatent(embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                                             norm_layer=make_norm, act_layer=act_layer, backend=backend, **dd) \
+            if global_pool == "map" else None
         self.fc_norm = make_norm(embed_dim, **dd) if final_norm and use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
@@ -311,6 +317,11 @@ class VisionTransformer(nn.Module):
         new head keeps nn.Linear's random init). ``global_pool``: as timm's."""
         if global_pool is not None:
             _check_pool(global_pool, self.has_class_token)
+            if global_pool == "map" and self.attn_pool is None:
+                raise ValueError("reset_classifier cannot add attention pooling (as timm): build the model with "
+                                 "global_pool='map'")
+            if global_pool != "map":
+                self.attn_pool = None  # as timm: another pooling removes the attention pool
             self.global_pool = global_pool
             self._model_args = dict(getattr(self, "_model_args", {}), fc_norm=not isinstance(self.fc_norm, nn.Identity))
         self.num_classes = num_classes
@@ -402,6 +413,9 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        if self.attn_pool is not None:  # timm: the attention pool reads the patch tokens (or every token)
+            x = x if self.pool_include_prefix else x[:, self.num_prefix_tokens:]
+            return attention_pool_forward(self.attn_pool, x, self.backend)
         return global_pool_nlc(x, self.global_pool if pool_type is None else pool_type,
                                num_prefix_tokens=self.num_prefix_tokens,
                                reduce_include_prefix=self.pool_include_prefix)
