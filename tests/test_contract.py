@@ -102,7 +102,7 @@ def _ln_linear_case(affine, bias):
     return (x, lw, lb, 1e-5, w, b), bwd
 
 
-def _ln_mlp_case(affine, bias, add_input):
+def _ln_mlp_case(affine, bias, add_input, activation="gelu"):
     x, w1, w2 = _leaf(21, 16), _leaf(40, 16), _leaf(16, 40)
     lw, lb = (_leaf(16), _leaf(16)) if affine else (None, None)
     b1, b2 = (_leaf(40), _leaf(16)) if bias else (None, None)
@@ -111,9 +111,10 @@ def _ln_mlp_case(affine, bias, add_input):
         y, z, mean, rstd = out
         mask = [True, affine, affine, True, bias, True, bias]
         return (torch.randn_like(y), x.detach(), None if lw is None else lw.detach(),
-                None if lb is None else lb.detach(), mean, rstd, w1.detach(), w2.detach(), z, add_input, mask)
+                None if lb is None else lb.detach(), mean, rstd, w1.detach(), w2.detach(), z, add_input, activation,
+                mask)
 
-    return (x, lw, lb, 1e-5, w1, b1, w2, b2, add_input), bwd
+    return (x, lw, lb, 1e-5, w1, b1, w2, b2, add_input, activation), bwd
 
 
 def _glu_linear_case(bias, activation):
@@ -135,7 +136,7 @@ CASES = {
     "attention_qkv": [(_attention_qkv_case, ())],
     "patch_embed": [(_patch_embed_case, (1, "N+K")), (_patch_embed_case, (0, None)), (_patch_embed_case, (2, "N"))],
     "ln_linear": [(_ln_linear_case, (True, True)), (_ln_linear_case, (False, False))],
-    "ln_mlp": [(_ln_mlp_case, (True, True, True)), (_ln_mlp_case, (False, False, False))],
+    "ln_mlp": [(_ln_mlp_case, (True, True, True)), (_ln_mlp_case, (False, False, False, "quick_gelu"))],
     "glu_linear": [(_glu_linear_case, (True, "silu")), (_glu_linear_case, (False, "sigmoid"))],
 }
 # test_aot_dispatch_dynamic costs seconds per call on a small CPU: the first case of each op runs it.

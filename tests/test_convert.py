@@ -221,11 +221,11 @@ def test_from_timm_rejects_other_models():
     eva = Eva(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, use_rot_pos_emb=True)
     with pytest.raises(TypeError, match="RoPE"):
         vitkernels.from_timm(eva)
-    from timm.layers import SwiGLUPacked
+    from timm.layers import GatedMlp
 
-    swiglu = TimmViT(**dict(TINY, mlp_layer=SwiGLUPacked, act_layer="silu"))
-    with pytest.raises(UnsupportedModelError, match="SwiGLU"):
-        vitkernels.from_timm(swiglu)
+    gated = TimmViT(**dict(TINY, mlp_layer=GatedMlp))
+    with pytest.raises(UnsupportedModelError, match="MLP type GatedMlp"):
+        vitkernels.from_timm(gated)
 
 
 def test_from_timm_deit_distilled():

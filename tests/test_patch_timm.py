@@ -254,12 +254,12 @@ def test_bad_input_and_unsupported_models():
         model(torch.randn(1, 1, 32, 32))
     with pytest.raises(ValueError, match="unknown backend"):
         vitkernels.patch_timm(_timm(**TINY), backend="tpu")
-    from timm.layers import SwiGLUPacked
+    from timm.layers import GatedMlp
 
     for kw, feature in ((dict(global_pool="prr"), "global_pool='prr'"),
                         (dict(norm_layer="batchnorm"), "normalization layer .*BatchNorm2d"),
                         (dict(act_layer="relu"), "the fused epilogue computes"),
-                        (dict(mlp_layer=SwiGLUPacked, act_layer="silu"), "SwiGLU")):
+                        (dict(mlp_layer=GatedMlp), "MLP type GatedMlp")):
         bad = TimmViT(**dict(TINY, **kw))
         with pytest.raises(UnsupportedModelError, match=feature):
             vitkernels.patch_timm(bad)
