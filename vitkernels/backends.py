@@ -36,7 +36,7 @@ import torch
 BACKENDS = ("auto", "triton", "cuda", "torch")
 CONCRETE = ("triton", "cuda", "torch")
 # The ops every backend may implement: the one list the package and the tests use.
-OPS = ("patch_embed", "layer_norm", "attention", "attention_qkv", "linear", "ln_linear", "ln_mlp")
+OPS = ("patch_embed", "layer_norm", "attention", "attention_qkv", "linear", "ln_linear", "ln_mlp", "rope")
 # Preference order of ``auto`` for CUDA tensors.
 _AUTO_ORDER_CUDA = ("triton", "cuda", "torch")
 

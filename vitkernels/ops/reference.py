@@ -24,7 +24,8 @@ def kernel_limits(op: str):
 
 def get_op(name: str):
     return {"patch_embed": patch_embed, "layer_norm": layer_norm, "attention": attention, "linear": linear,
-            "ln_linear": ln_linear, "ln_mlp": ln_mlp, "attention_qkv": attention_qkv}.get(name)
+            "ln_linear": ln_linear, "ln_mlp": ln_mlp, "attention_qkv": attention_qkv,
+            "rope": rope}.get(name)
 
 
 def patch_embed(images, weight, bias, pos_embed, cls_token):
@@ -89,3 +90,20 @@ def ln_mlp(x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bia
     h = F.gelu(F.linear(F.layer_norm(x, x.shape[-1:], ln_weight, ln_bias, eps), fc1_weight, fc1_bias))
     y = F.linear(h, fc2_weight, fc2_bias)
     return y + x if add_input else y
+
+
+def rope(q, k, sin, cos, num_prefix, half):
+    """q, k (B, H, T, D), sin / cos (T - P, D) -> (q_rot, k_rot): timm's EvaAttention, patch rows rotated by
+    ``x * cos + rot(x) * sin`` at the tables' precision, rounded once to x's dtype; the P prefix rows kept."""
+
+    def rot(x):  # timm's rope_rotate_half (half) or rot (interleaved pairs)
+        if half:
+            x1, x2 = x.chunk(2, dim=-1)
+            return torch.cat([-x2, x1], dim=-1)
+        return torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)
+
+    def rotate(x):
+        patches = x[:, :, num_prefix:]
+        return torch.cat([x[:, :, :num_prefix], (patches * cos + rot(patches) * sin).to(x.dtype)], dim=2)
+
+    return rotate(q), rotate(k)
