@@ -142,3 +142,21 @@ def test_eva_from_timm_refuses_qk_norm():
                             num_heads=2, qk_norm=True)
     with pytest.raises(ValueError, match="qk_norm"):
         eva_from_timm(src, backend="torch")
+
+
+@pytest.mark.parametrize("backend", backend_params(*FUSED, op="rope"))
+def test_eva_compile_fullgraph(backend):
+    """The whole model traces without a graph break (rope table views, the rope op's fake and autograd)."""
+    src = _timm_model("eva02_tiny")
+    model = eva_from_timm(src, backend=backend)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager" if DEVICE.type == "cpu" else "inductor")
+    x = _images(src)
+    g = torch.randn(2, 5, device=DEVICE)
+    got = compiled(x)
+    got.backward(g)
+    got_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    want, want_grads = _grads(model, x, g)
+    torch.testing.assert_close(got, want)
+    for n, gw in want_grads.items():
+        torch.testing.assert_close(got_grads[n], gw, msg=lambda m: f"{n}: {m}")
