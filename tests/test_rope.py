@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oracle import DEVICE, FUSED, assert_budget, backend_params
+from oracle import DEVICE, FUSED, assert_budget, backend_params, require_backend
 from vitkernels import ops
 from vitkernels.ops import reference
 
@@ -166,3 +166,18 @@ def test_rope_flops_are_zero():
         out = ops.rope(q, q, sin, sin, num_prefix_tokens=1)
         (out[0].sum() + out[1].sum()).backward()
     assert counter.get_total_flops() == 0
+
+
+def test_rope_cuda_op_checks_its_arguments():
+    """The extension's own checks (the op called directly, past the public op's validation)."""
+    require_backend("cuda", "rope")
+    ns = torch.ops.vitkernels_C
+    q, sin = torch.randn(1, 2, 5, 8, device=DEVICE), torch.randn(4, 8, device=DEVICE)
+    with pytest.raises(RuntimeError, match="sin/cos must be float32"):
+        ns.rope_fwd(q, q, sin.double(), sin.double(), 1, False)
+    with pytest.raises(RuntimeError, match="num_prefix must be in"):
+        ns.rope_fwd(q, q, sin, sin, 6, False)
+    with pytest.raises(RuntimeError, match="must be even"):
+        ns.rope_fwd(q[..., :7], q[..., :7], sin[:, :7], sin[:, :7], 1, False)
+    with pytest.raises(RuntimeError, match=r"must be \(4, 8\) with a unit last stride"):
+        ns.rope_fwd(q, q, sin.t().contiguous().t(), sin, 1, False)

@@ -18,6 +18,9 @@ Data path per block: LayerNorm -> q/k/v GEMM(s) (``ops.linear``; fused ``qkv`` w
 are strided views of it) -> ``ops.rope`` on q and k -> ``ops.attention`` -> [LayerNorm] -> proj GEMM ->
 layer scale + residual; LayerNorm -> MLP (``mlp_forward``: SwiGLU as a SiLU-epilogue gate GEMM, a value GEMM,
 their product, [LayerNorm], fc2; or GELU in fc1's epilogue) -> layer scale + residual.
+
+Not (yet) here: forward_intermediates / features_only, set_input_size, pretrained-weight loading by name (the
+model takes timm's state_dict), fp32_residual; flops.count knows VisionTransformer, not Eva.
 """
 
 from __future__ import annotations
@@ -231,7 +234,7 @@ def mlp_forward(mlp: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
         else:  # GluMlp: the packed fc1's first half of rows is the gate
             n = mlp.fc2.in_features
             w, b = mlp.fc1.weight, mlp.fc1.bias
-            (wg, bg), (wx, bx) = (w[:n], b[:n]), (w[n:], b[n:])
+            (wg, bg), (wx, bx) = (w[:n], None if b is None else b[:n]), (w[n:], None if b is None else b[n:])
         gate = _silu_gate(x, wg, bg, backend)
         h = gate * ops.linear(x, wx, bx, backend=backend)
     h = mlp.norm(mlp.drop1(h))
