@@ -160,3 +160,18 @@ def test_eva_compile_fullgraph(backend):
     torch.testing.assert_close(got, want)
     for n, gw in want_grads.items():
         torch.testing.assert_close(got_grads[n], gw, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("backend", backend_params(*FUSED, op="rope"))
+def test_eva_from_timm_fp16_logits_within_budget(backend):
+    """A half-precision timm model (its rope table fp16 too, which the rope op upcasts): logits within the fp16
+    budget of the float64 oracle."""
+    src = _timm_model("eva02_tiny")
+    oracle = copy.deepcopy(src).double()
+    half = copy.deepcopy(src).half()
+    ours = eva_from_timm(half, backend=backend)
+    x = _images(src)
+    with torch.no_grad():
+        got, want, ref = ours(x.half()), half(x.half()), oracle(x.double())
+    assert got.dtype == torch.float16
+    assert_budget("logits", got, want, ref)
