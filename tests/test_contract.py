@@ -129,6 +129,17 @@ def _glu_linear_case(bias, activation):
     return (x, wg, bg, wv, bv, activation), bwd
 
 
+def _rope_case(half):
+    qkv = torch.randn(2, 9, 3, 2, 8, device=DEVICE)  # q, k as strided views of a fused qkv, 1 prefix token
+    q, k = (t.transpose(1, 2).requires_grad_() for t in qkv.unbind(2)[:2])
+    sin, cos = torch.randn(8, 16, device=DEVICE).chunk(2, -1)  # views of one (T - 1, 2 D) table
+
+    def bwd(out):
+        return (torch.randn_like(out[0]), torch.randn_like(out[1]), sin, cos, 1, half)
+
+    return (q, k, sin, cos, 1, half), bwd
+
+
 CASES = {
     "layer_norm": [(_layer_norm_case, (True, True)), (_layer_norm_case, (False, False))],
     "linear": [(_linear_case, (True, True, True)), (_linear_case, (False, False, False))],
@@ -138,6 +149,7 @@ CASES = {
     "ln_linear": [(_ln_linear_case, (True, True)), (_ln_linear_case, (False, False))],
     "ln_mlp": [(_ln_mlp_case, (True, True, True)), (_ln_mlp_case, (False, False, False, "quick_gelu"))],
     "glu_linear": [(_glu_linear_case, (True, "silu")), (_glu_linear_case, (False, "sigmoid"))],
+    "rope": [(_rope_case, (False,)), (_rope_case, (True,))],
 }
 # test_aot_dispatch_dynamic costs seconds per call on a small CPU: the first case of each op runs it.
 FULL = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")

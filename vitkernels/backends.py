@@ -36,7 +36,8 @@ import torch
 BACKENDS = ("auto", "triton", "cuda", "torch")
 CONCRETE = ("triton", "cuda", "torch")
 # The ops every backend may implement: the one list the package and the tests use.
-OPS = ("patch_embed", "layer_norm", "attention", "attention_qkv", "linear", "ln_linear", "ln_mlp", "glu_linear")
+OPS = ("patch_embed", "layer_norm", "attention", "attention_qkv", "linear", "ln_linear", "ln_mlp", "glu_linear",
+       "rope")
 # Preference order of ``auto`` for CUDA tensors.
 _AUTO_ORDER_CUDA = ("triton", "cuda", "torch")
 

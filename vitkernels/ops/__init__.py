@@ -20,6 +20,7 @@ from vitkernels.ops.linear import linear
 from vitkernels.ops.ln_linear import ln_linear
 from vitkernels.ops.ln_mlp import ln_mlp
 from vitkernels.ops.patch_embed import patch_embed
+from vitkernels.ops.rope import rope
 
 __all__ = list(OPS)
 

@@ -25,7 +25,7 @@ def kernel_limits(op: str):
 def get_op(name: str):
     return {"patch_embed": patch_embed, "layer_norm": layer_norm, "attention": attention, "linear": linear,
             "ln_linear": ln_linear, "ln_mlp": ln_mlp, "attention_qkv": attention_qkv,
-            "glu_linear": glu_linear}.get(name)
+            "glu_linear": glu_linear, "rope": rope}.get(name)
 
 
 def patch_embed(images, weight, bias, pos_embed, prefix_tokens):
@@ -103,12 +103,22 @@ def ln_mlp(x, ln_weight, ln_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bia
 def glu_linear(x, gate_weight, gate_bias, value_weight, value_bias, activation):
     """x (..., C), weights (H, C) -> act(x Wg^T + bg) * (x Wv^T + bv), (..., H): timm's SwiGLU / GluMlp fc1."""
     g = F.linear(x, gate_weight, gate_bias)
-    if activation == "silu":
-        a = F.silu(g)
-    elif activation == "gelu":
-        a = F.gelu(g)
-    elif activation == "gelu_tanh":
-        a = F.gelu(g, approximate="tanh")
-    else:  # "sigmoid"
-        a = torch.sigmoid(g)
+    a = torch.sigmoid(g) if activation == "sigmoid" else activate(g, activation)
     return a * F.linear(x, value_weight, value_bias)
+
+
+def rope(q, k, sin, cos, num_prefix, half):
+    """q, k (B, H, T, D), sin / cos (T - P, D) -> (q_rot, k_rot): timm's EvaAttention, patch rows rotated by
+    ``x * cos + rot(x) * sin`` at the tables' precision, rounded once to x's dtype; the P prefix rows kept."""
+
+    def rot(x):  # timm's rope_rotate_half (half) or rot (interleaved pairs)
+        if half:
+            x1, x2 = x.chunk(2, dim=-1)
+            return torch.cat([-x2, x1], dim=-1)
+        return torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)
+
+    def rotate(x):
+        patches = x[:, :, num_prefix:]
+        return torch.cat([x[:, :, :num_prefix], (patches * cos + rot(patches) * sin).to(x.dtype)], dim=2)
+
+    return rotate(q), rotate(k)
