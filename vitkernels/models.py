@@ -49,6 +49,11 @@ _GIANT = dict(embed_dim=1536, depth=40, num_heads=24, mlp_ratio=5.33334, mlp_lay
 _SIGLIP = dict(class_token=False, global_pool="map")
 _SO400M = dict(embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.7362)
 _CLIP = dict(pre_norm=True, norm_eps=1e-5, act_layer="quick_gelu")
+_EVA02 = dict(img_size=224, patch_size=14, depth=12, mlp_ratio=8 / 3, swiglu_mlp=True, use_rot_pos_emb=True,
+              ref_feat_shape=(16, 16))
+_ROPE_REG1 = dict(img_size=256, patch_size=16, depth=12, qkv_fused=True, qkv_bias=True, init_values=1e-5,
+                  class_token=False, num_reg_tokens=1, use_rot_pos_emb=True, use_abs_pos_emb=False,
+                  ref_feat_shape=(16, 16))
 _ARCHS = {
     "vit_small_patch14_dinov2": ("vit", dict(_FAMILIES["small"], **_DINOV2)),
     "vit_base_patch14_dinov2": ("vit", dict(_FAMILIES["base"], **_DINOV2)),
@@ -73,12 +78,28 @@ _ARCHS = {
     "deit_small_distilled_patch16_224": ("deit_distilled", dict(_FAMILIES["small"], patch_size=16)),
     "deit_base_distilled_patch16_224": ("deit_distilled", dict(_FAMILIES["base"], patch_size=16)),
     "deit_base_distilled_patch16_384": ("deit_distilled", dict(_FAMILIES["base"], patch_size=16)),
+    # EVA-02 and timm's rope ViTs: vitkernels.nn.eva.Eva with timm's Eva arguments
+    "eva02_tiny_patch14_224": ("eva", dict(_EVA02, embed_dim=192, num_heads=3)),
+    "eva02_small_patch14_224": ("eva", dict(_EVA02, embed_dim=384, num_heads=6)),
+    "eva02_base_patch14_224": ("eva", dict(_EVA02, embed_dim=768, num_heads=12, qkv_fused=False, scale_mlp=True)),
+    "eva02_large_patch14_224": ("eva", dict(_EVA02, embed_dim=1024, depth=24, num_heads=16, qkv_fused=False,
+                                            scale_mlp=True)),
+    "eva02_base_patch14_448": ("eva", dict(_EVA02, img_size=448, embed_dim=768, num_heads=12, qkv_fused=False,
+                                           scale_mlp=True)),
+    "eva02_base_patch16_clip_224": ("eva", dict(_EVA02, patch_size=16, embed_dim=768, num_heads=12, qkv_fused=False,
+                                                scale_mlp=True, scale_attn_inner=True, global_pool="token")),
+    "vit_base_patch16_rope_reg1_gap_256": ("eva", dict(_ROPE_REG1, embed_dim=768, num_heads=12)),
+    "vit_medium_patch16_rope_reg1_gap_256": ("eva", dict(_ROPE_REG1, embed_dim=512, num_heads=8)),
 }
 for _name, (_family, _patch, _img, _classes) in _NAMES.items():
     _ARCHS.setdefault(_name, ("vit", dict(_FAMILIES[_family], patch_size=_patch)))
 
 
 def _model_class(kind: str):
+    if kind == "eva":
+        from vitkernels.nn.eva import Eva
+
+        return Eva
     if kind == "deit_distilled":
         from vitkernels.nn.deit import VisionTransformerDistilled
 

@@ -137,6 +137,18 @@ _TABLE = {
     "deit_base_distilled_patch16_224.fb_in1k": _cfg(url='https://dl.fbaipublicfiles.com/deit/deit_base_distilled_patch16_224-df68dfff.pth', mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), classifier=('head', 'head_dist')),
     "deit_base_distilled_patch16_384.fb_in1k": _cfg(url='https://dl.fbaipublicfiles.com/deit/deit_base_distilled_patch16_384-d0272ac0.pth', input_size=(3, 384, 384), crop_pct=1.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), classifier=('head', 'head_dist')),
 
+    # EVA-02 and timm's rope ViTs (vitkernels.nn.eva.Eva)
+    "eva02_tiny_patch14_224.mim_in22k": _cfg(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711), num_classes=0, license='mit'),
+    "eva02_small_patch14_224.mim_in22k": _cfg(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711), num_classes=0, license='mit'),
+    "eva02_base_patch14_224.mim_in22k": _cfg(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711), num_classes=0, license='mit'),
+    "eva02_large_patch14_224.mim_in22k": _cfg(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711), num_classes=0, license='mit'),
+    "eva02_large_patch14_224.mim_m38m": _cfg(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711), num_classes=0, license='mit'),
+    "eva02_base_patch14_448.mim_in22k_ft_in22k_in1k": _cfg(input_size=(3, 448, 448), crop_pct=1.0, crop_mode='squash', mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711), license='mit'),
+    "eva02_base_patch14_448.mim_in22k_ft_in1k": _cfg(input_size=(3, 448, 448), crop_pct=1.0, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711), license='mit'),
+    "eva02_base_patch14_448.mim_in22k_ft_in22k": _cfg(input_size=(3, 448, 448), crop_pct=1.0, crop_mode='squash', mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711), num_classes=21841, license='mit'),
+    "eva02_base_patch16_clip_224.merged2b": _cfg(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711), num_classes=512, license='mit'),
+    "vit_base_patch16_rope_reg1_gap_256.sbb_in1k": _cfg(input_size=(3, 256, 256), crop_pct=0.95, license='mit'),
+    "vit_medium_patch16_rope_reg1_gap_256.sbb_in1k": _cfg(input_size=(3, 256, 256), crop_pct=0.95, license='mit'),
 }
 
 

@@ -51,7 +51,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
         """proj(attention(x)) [+ residual]: the residual add is fused into the proj GEMM's epilogue.
-        ``attn_mask`` / ``is_causal`` (timm's masked attention) run PyTorch's SDPA with the mask."""
+        ``attn_mask`` / ``is_causal`` (timm's masked attention): the fused attention with the mask as an additive
+        bias."""
         return attention_forward(self, x, residual, self.backend, attn_mask, is_causal)
 
 
@@ -82,23 +83,40 @@ def attention_from_qkv(attn: nn.Module, qkv: torch.Tensor, residual: torch.Tenso
     return _project(attn, o.transpose(1, 2).flatten(2), residual, backend)  # (B, N, C): a view of (B, N, H, D)
 
 
+def mask_bias(attn_mask: torch.Tensor | None, is_causal: bool, q: torch.Tensor, k: torch.Tensor
+              ) -> torch.Tensor | None:
+    """SDPA's ``attn_mask`` / ``is_causal`` as the additive bias ``ops.attention`` takes: a bool mask (True:
+    attend) becomes 0 / -inf in q's dtype, a float mask is used as it is (any shape broadcastable to
+    (B, H, N, M), fewer dims aligned right as SDPA does), ``is_causal`` the lower-triangular 0 / -inf (N, M)."""
+    if attn_mask is not None and is_causal:
+        raise ValueError("attn_mask and is_causal=True together: give one (as torch's scaled_dot_product_attention)")
+    if is_causal:
+        N, M = q.shape[-2], k.shape[-2]
+        attn_mask = torch.ones(N, M, dtype=torch.bool, device=q.device).tril()
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype == torch.bool:
+        return torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~attn_mask, float("-inf"))
+    return attn_mask
+
+
 def attend_qkv(qkv: torch.Tensor, num_heads: int, scale: float, attn_mask: torch.Tensor | None, is_causal: bool,
                dropout_p: float, backend: str) -> torch.Tensor:
     """qkv (B, N, 3C) -> (B, H, N, D): one fused op on qkv itself (its backward writes d(qkv) whole, no stack of
-    dq, dk, dv); with a mask, causal masking or attention dropout, which no fused kernel implements,
-    PyTorch's SDPA on the q, k, v views."""
+    dq, dk, dv); with a mask or causal masking, ``ops.attention`` with the mask as an additive bias on the q, k,
+    v views; with attention dropout, which no fused kernel implements, PyTorch's SDPA."""
     if attn_mask is None and not is_causal and dropout_p == 0.0:
         return ops.attention_qkv(qkv, num_heads, scale=scale, backend=backend)
     q, k, v = split_qkv(qkv, num_heads)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                                          scale=scale)
+    return attend(q, k, v, scale, attn_mask, is_causal, dropout_p, backend)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, attn_mask: torch.Tensor | None,
            is_causal: bool, dropout_p: float, backend: str) -> torch.Tensor:
-    """q, k, v (B, H, N, D) -> (B, H, N, D): ``ops.attention``, or SDPA with a mask / causal / dropout."""
-    if attn_mask is None and not is_causal and dropout_p == 0.0:
-        return ops.attention(q, k, v, scale=scale, backend=backend)
+    """q, k, v (B, H, N, D) -> (B, H, N, D): ``ops.attention`` (a mask or causal masking as its additive bias),
+    or SDPA with attention dropout."""
+    if dropout_p == 0.0:
+        return ops.attention(q, k, v, bias=mask_bias(attn_mask, is_causal, q, k), scale=scale, backend=backend)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                                           scale=scale)
 

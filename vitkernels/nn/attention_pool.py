@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from vitkernels import ops
+from vitkernels.nn.attention import mask_bias
 from vitkernels.nn.init import trunc_normal_
 from vitkernels.nn.mlp import Mlp, epilogue_activation, mlp_forward
 from vitkernels.nn.norm import LayerNorm
@@ -105,7 +106,7 @@ def attention_pool_forward(pool: nn.Module, x: torch.Tensor, backend: str,
                            attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """x (B, N, C) -> pooled (see the module docstring), for any module with timm's AttentionPoolLatent names
     (this one, and timm's under ``vitkernels.patch_timm``). ``attn_mask``: an additive / boolean mask over the
-    keys, as timm's (PyTorch's SDPA then runs the attention; the GEMMs stay fused)."""
+    keys, as timm's (the fused attention's additive bias)."""
     B, N, _ = x.shape
     H, D, L = pool.num_heads, pool.head_dim, pool.latent_len
     if pool.pos_embed is not None:
@@ -116,11 +117,8 @@ def attention_pool_forward(pool: nn.Module, x: torch.Tensor, backend: str,
     kv = ops.linear(x, pool.kv.weight, pool.kv.bias, backend=backend)  # (B, N, 2 H D)
     k, v = kv.unflatten(-1, (2, H, D)).unbind(2)  # each (B, N, H, D), strided
     q, k, v = pool.q_norm(q), pool.k_norm(k.transpose(1, 2)), v.transpose(1, 2)
-    if attn_mask is None:
-        o = ops.attention(q.to(k.dtype), k, v, scale=pool.scale, backend=backend)  # (B, H, L, D)
-    else:
-        o = torch.nn.functional.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=attn_mask,
-                                                             scale=pool.scale)
+    q = q.to(k.dtype)
+    o = ops.attention(q, k, v, bias=mask_bias(attn_mask, False, q, k), scale=pool.scale, backend=backend)  # (B, H, L, D)
     y = o.transpose(1, 2).reshape(B, L, H * D)
     if not isinstance(pool.proj, nn.Identity):
         y = ops.linear(y, pool.proj.weight, pool.proj.bias, backend=backend)

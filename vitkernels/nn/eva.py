@@ -16,8 +16,9 @@ the argument.
 
 Data path per block: LayerNorm -> q/k/v GEMM(s) (``ops.linear``; fused ``qkv`` writes (B, N, 3 C) and q, k, v
 are strided views of it) -> ``ops.rope`` on q and k -> ``ops.attention`` -> [LayerNorm] -> proj GEMM ->
-layer scale + residual; LayerNorm -> MLP (``mlp_forward``: SwiGLU as a SiLU-epilogue gate GEMM, a value GEMM,
-their product, [LayerNorm], fc2; or GELU in fc1's epilogue) -> layer scale + residual.
+layer scale + residual; LayerNorm -> MLP (``mlp_forward``: SwiGLU / packed GluMlp as one ``ops.glu_linear``
+(gate and value GEMMs in one pass, the SiLU gate in their epilogue), [LayerNorm], fc2; or GELU in fc1's
+epilogue; vitkernels/nn/mlp.py) -> layer scale + residual.
 
 Not (yet) here: forward_intermediates / features_only, set_input_size, pretrained-weight loading by name (the
 model takes timm's state_dict), fp32_residual; flops.count knows VisionTransformer, not Eva.
@@ -29,12 +30,13 @@ import functools
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vitkernels import ops
 from vitkernels.backends import check_name, prepare
 from vitkernels.nn.block import DropPath
+from vitkernels.nn.mlp import GluMlp, Mlp, SwiGLU
+from vitkernels.nn.mlp import mlp_forward as mlp_block_forward
 from vitkernels.nn.norm import LayerNorm, norm_factory
 from vitkernels.nn.patch_embed import PatchEmbed
 from vitkernels.nn.vision_transformer import POOLS, global_pool_nlc
@@ -171,74 +173,10 @@ class EvaAttention(nn.Module):
         return self.proj_drop(ops.linear(o, self.proj.weight, self.proj.bias, backend=be))
 
 
-class SwiGLU(nn.Module):
-    """timm's SwiGLU (``fc1_g``, ``fc1_x``, ``norm``, ``fc2``): fc2(norm(silu(fc1_g(x)) * fc1_x(x)))."""
-
-    def __init__(self, in_features, hidden_features, norm_layer=None, drop=0.0, device=None, dtype=None):
-        super().__init__()
-        dd = dict(device=device, dtype=dtype)
-        self.fc1_g = nn.Linear(in_features, hidden_features, **dd)
-        self.fc1_x = nn.Linear(in_features, hidden_features, **dd)
-        self.act = nn.SiLU()
-        self.drop1 = nn.Dropout(drop)
-        self.norm = norm_layer(hidden_features, **dd) if norm_layer is not None else nn.Identity()
-        self.fc2 = nn.Linear(hidden_features, in_features, **dd)
-        self.drop2 = nn.Dropout(drop)
-
-
-class GluMlp(nn.Module):
-    """timm's GluMlp as EvaBlock builds it (SiLU, gate first): one packed ``fc1`` (gate rows, then value rows),
-    ``fc2``: fc2(silu(x W_g^T + b_g) * (x W_x^T + b_x))."""
-
-    def __init__(self, in_features, hidden_features, drop=0.0, device=None, dtype=None):
-        super().__init__()
-        dd = dict(device=device, dtype=dtype)
-        self.fc1 = nn.Linear(in_features, hidden_features * 2, **dd)
-        self.act = nn.SiLU()
-        self.drop1 = nn.Dropout(drop)
-        self.norm = nn.Identity()
-        self.fc2 = nn.Linear(hidden_features, in_features, **dd)
-        self.drop2 = nn.Dropout(drop)
-
-
-class Mlp(nn.Module):
-    """timm's Mlp with GELU (``fc1``, ``norm``, ``fc2``): fc2(norm(gelu(fc1(x))))."""
-
-    def __init__(self, in_features, hidden_features, norm_layer=None, drop=0.0, device=None, dtype=None):
-        super().__init__()
-        dd = dict(device=device, dtype=dtype)
-        self.fc1 = nn.Linear(in_features, hidden_features, **dd)
-        self.act = nn.GELU()
-        self.drop1 = nn.Dropout(drop)
-        self.norm = norm_layer(hidden_features, **dd) if norm_layer is not None else nn.Identity()
-        self.fc2 = nn.Linear(hidden_features, in_features, **dd)
-        self.drop2 = nn.Dropout(drop)
-
-
-def _silu_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
-    """silu(x W^T + b), the SiLU in the GEMM's epilogue; the cuda backend's epilogue has exact GELU only, so
-    there the SiLU runs in PyTorch after its GEMM."""
-    if backend == "cuda":
-        return F.silu(ops.linear(x, weight, bias, backend=backend))
-    return ops.linear(x, weight, bias, activation="silu", backend=backend)
-
-
 def mlp_forward(mlp: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
-    """x (B, N, C) -> the block's MLP output (B, N, C). The one place the MLP's ops are chosen (a fused
-    gate + value op can replace the first two GEMMs and the product here)."""
-    if isinstance(mlp, Mlp):
-        h = ops.linear(x, mlp.fc1.weight, mlp.fc1.bias, activation="gelu", backend=backend)
-    else:
-        if isinstance(mlp, SwiGLU):
-            (wg, bg), (wx, bx) = (mlp.fc1_g.weight, mlp.fc1_g.bias), (mlp.fc1_x.weight, mlp.fc1_x.bias)
-        else:  # GluMlp: the packed fc1's first half of rows is the gate
-            n = mlp.fc2.in_features
-            w, b = mlp.fc1.weight, mlp.fc1.bias
-            (wg, bg), (wx, bx) = (w[:n], None if b is None else b[:n]), (w[n:], None if b is None else b[n:])
-        gate = _silu_gate(x, wg, bg, backend)
-        h = gate * ops.linear(x, wx, bx, backend=backend)
-    h = mlp.norm(mlp.drop1(h))
-    return mlp.drop2(ops.linear(h, mlp.fc2.weight, mlp.fc2.bias, backend=backend))
+    """x (B, N, C) -> the block's MLP output (B, N, C): vitkernels/nn/mlp.py's Mlp (GELU in fc1's epilogue) or
+    gated MLP (gate and value in one ``ops.glu_linear``), the optional hidden norm, fc2."""
+    return mlp_block_forward(mlp, x, None, backend)
 
 
 class EvaBlock(nn.Module):
@@ -259,11 +197,14 @@ class EvaBlock(nn.Module):
         self.norm2 = norm_layer(dim, **dd)
         hidden = int(dim * mlp_ratio)
         if swiglu_mlp and scale_mlp:
-            self.mlp = SwiGLU(dim, hidden, norm_layer=norm_layer, drop=proj_drop, **dd)
+            self.mlp = SwiGLU(dim, hidden, act_layer="silu", norm_layer=norm_layer, drop=proj_drop, backend=backend,
+                              **dd)
         elif swiglu_mlp:
-            self.mlp = GluMlp(dim, hidden, drop=proj_drop, **dd)
+            self.mlp = GluMlp(dim, hidden * 2, act_layer="silu", gate_last=False, drop=proj_drop, backend=backend,
+                              **dd)
         else:
-            self.mlp = Mlp(dim, hidden, norm_layer=norm_layer if scale_mlp else None, drop=proj_drop, **dd)
+            self.mlp = Mlp(dim, hidden, norm_layer=norm_layer if scale_mlp else None, drop=proj_drop, act_layer="gelu",
+                           backend=backend, **dd)
         self.gamma_2 = nn.Parameter(torch.full((dim,), float(init_values), **dd)) if init_values is not None else None
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.backend = backend
@@ -387,7 +328,8 @@ class Eva(nn.Module):
         else:
             self.rope = None
         self.norm_pre = nn.Identity()
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)] if depth > 1 else [drop_path_rate] * depth
+        dpr = ([x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")] if depth > 1
+               else [drop_path_rate] * depth)
         self.blocks = nn.ModuleList([
             EvaBlock(embed_dim, num_heads, qkv_bias=qkv_bias, qkv_fused=qkv_fused, mlp_ratio=mlp_ratio,
                      swiglu_mlp=swiglu_mlp, scale_mlp=scale_mlp, scale_attn_inner=scale_attn_inner,
