@@ -416,3 +416,21 @@ def test_cuda_kernels_refuse_a_bias_so_auto_passes_them_over():
     assert "no additive bias" in why_not_supported(cuda, torch.float16, 64, 24, True)
     assert why_not_supported(cuda, torch.float16, 64, 24, False) is None
     assert why_not_supported(torch.device("cpu"), torch.float32, 64, 24, True) is None
+
+
+@pytest.mark.parametrize("cap", [80, 90])
+def test_attention_pruning_leaves_a_config_with_or_without_bias(monkeypatch, cap):
+    """Every autotuner pruning rule leaves at least one configuration for every head-dim tile, dtype, target and
+    bias flag (the bias rules drop the tiles that spill; an empty list would fail the launch)."""
+    require_backend("triton", "attention")
+    from vitkernels.triton import attention as A
+
+    monkeypatch.setattr(A, "capability", lambda t: cap)
+    rules = [(A._prune_fwd, A._FWD_CONFIGS), (A._prune_dkdv, A._BWD_DKDV_CONFIGS), (A._prune_dq, A._BWD_DQ_CONFIGS),
+             (A._prune_fused_bwd, A._BWD_FUSED_CONFIGS)]
+    for dtype in (torch.float16, torch.float32):
+        for block_d in (16, 32, 64, 128, 256):
+            for has_bias in (False, True):
+                for prune, configs in rules:
+                    kept = prune(configs, {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=block_d, HAS_BIAS=has_bias)
+                    assert kept, (prune.__name__, dtype, block_d, has_bias, cap)

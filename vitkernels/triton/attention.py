@@ -44,7 +44,7 @@ Supported range and limits:
   scores, and the kernels stay unchanged without one (HAS_BIAS is a constexpr, in the autotune key). -inf
   entries mask keys; a row masked entirely gets out = 0, lse = +inf and no gradient (ops/attention.py).
   Its gradient dbias, when asked for, is dS written per (b, h) into an fp32 (B, H, N, M) buffer (4 B H N M
-  bytes: 477 MB for ViT-B/16 at batch 256, N = M = 197; none when the bias is full-size, whose gradient is
+  bytes: 477 MB for BEiT-B/16 at batch 256, N = M = 197; none when the bias is full-size, whose gradient is
   written directly in its dtype), reduced over the broadcast dims by torch.sum: deterministic.
 - Non-causal, no dropout: what ViT attention needs.
 
@@ -84,7 +84,7 @@ def _attention_fwd_inner(
     V_ptrs,  # (BLOCK_N, BLOCK_D) pointers to v for the same key block
     stride_kn,  # k stride along keys
     stride_vn,  # v stride along keys
-    Bias_ptrs,  # (BLOCK_M, BLOCK_N) pointers to the bias tile of the same key block (unused without a bias)
+    Bias_rows,  # (BLOCK_M,) pointers to key 0 of the bias rows of the query block (unused without a bias)
     stride_biask,  # bias stride along keys
     offs_n,  # (BLOCK_N,) 0..BLOCK_N-1
     mask_m,  # (BLOCK_M,) query rows < N_Q
@@ -100,7 +100,6 @@ def _attention_fwd_inner(
 ):
     K_ptrs += start * stride_kn
     V_ptrs += start * stride_vn
-    Bias_ptrs += start * stride_biask
     for start_n in range(start, end, BLOCK_N):
         if MASK_N:
             mask_n = (start_n + offs_n) < N_K
@@ -111,10 +110,13 @@ def _attention_fwd_inner(
             v = tl.load(V_ptrs, mask=mask_d[None, :], other=0.0)
         s = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
         if HAS_BIAS:
+            # The tile's pointers are formed here from the (BLOCK_M,) row pointers: a (BLOCK_M, BLOCK_N) pointer
+            # tile carried across iterations costs 64-bit registers per score and spills on sm_90a.
+            bias_ptrs = Bias_rows[:, None] + (start_n + offs_n)[None, :] * stride_biask
             if MASK_N:
-                bias = tl.load(Bias_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+                bias = tl.load(bias_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
             else:
-                bias = tl.load(Bias_ptrs, mask=mask_m[:, None], other=0.0)
+                bias = tl.load(bias_ptrs, mask=mask_m[:, None], other=0.0)
             s += bias.to(tl.float32) * 1.4426950408889634  # the bias is in natural-log units: * log2(e) too
         if MASK_N:
             # Out-of-range keys must not enter the max or the sum: -inf before the max.
@@ -134,7 +136,6 @@ def _attention_fwd_inner(
         m_i = m_new
         K_ptrs += BLOCK_N * stride_kn
         V_ptrs += BLOCK_N * stride_vn
-        Bias_ptrs += BLOCK_N * stride_biask
     return acc, m_i, l_i
 
 
@@ -180,19 +181,18 @@ def _attention_fwd_kernel(
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     K_ptrs = K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # k^T tile, (BLOCK_D, BLOCK_N)
     V_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd  # (BLOCK_N, BLOCK_D)
-    Bias_ptrs = (BIAS + b * stride_biasb + h * stride_biash + offs_m[:, None] * stride_biasq
-                 + offs_n[None, :] * stride_biask)  # (BLOCK_M, BLOCK_N)
+    Bias_rows = BIAS + b * stride_biasb + h * stride_biash + offs_m * stride_biasq  # (BLOCK_M,)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # Full key blocks without the key mask, then the ragged tail (if any) with it.
     n_full = (N_K // BLOCK_N) * BLOCK_N
-    acc, m_i, l_i = _attention_fwd_inner(acc, m_i, l_i, q, K_ptrs, V_ptrs, stride_kn, stride_vn, Bias_ptrs,
+    acc, m_i, l_i = _attention_fwd_inner(acc, m_i, l_i, q, K_ptrs, V_ptrs, stride_kn, stride_vn, Bias_rows,
                                          stride_biask, offs_n, mask_m, mask_d, qk_scale, 0, n_full, N_K, BLOCK_N,
                                          False, HAS_BIAS, INPUT_PRECISION)
     if n_full < N_K:
-        acc, m_i, l_i = _attention_fwd_inner(acc, m_i, l_i, q, K_ptrs, V_ptrs, stride_kn, stride_vn, Bias_ptrs,
+        acc, m_i, l_i = _attention_fwd_inner(acc, m_i, l_i, q, K_ptrs, V_ptrs, stride_kn, stride_vn, Bias_rows,
                                              stride_biask, offs_n, mask_m, mask_d, qk_scale, n_full, N_K, N_K,
                                              BLOCK_N, True, HAS_BIAS, INPUT_PRECISION)
 
@@ -569,9 +569,11 @@ def _prune_wide_heads(configs, named_args, **kwargs):
 
 def _prune_fused_bwd(configs, named_args, **kwargs):
     """_prune_wide_heads, and on sm_80 (mma.sync keeps the operand fragments of five GEMMs in registers) only
-    32-query blocks: 64 x 64, 64 x 128 and 64 x 32 spill 8-128 B per thread at D = 64 and 128."""
+    32-query blocks: 64 x 64, 64 x 128 and 64 x 32 spill 8-128 B per thread at D = 64 and 128. With a bias at
+    BLOCK_D = 128 also only 32-query blocks: 64 x 32 spills 84 B on sm_90a with an fp32 bias."""
     configs = _prune_wide_heads(configs, named_args, **kwargs)
-    if capability(named_args.get("Q")) < 90:
+    wide_biased = kwargs.get("HAS_BIAS", False) and kwargs.get("BLOCK_D", 64) > 64
+    if capability(named_args.get("Q")) < 90 or wide_biased:
         configs = [c for c in configs if c.kwargs["BLOCK_M"] <= 32]
     return configs
 _TUNE_KEY = ["N_Q", "N_K", "HEAD_DIM", "HAS_BIAS"]  # the autotuner adds the tensors' dtypes to the key
@@ -582,29 +584,51 @@ def _prune_fwd(configs, named_args, **kwargs):
     forward tile without wgmma (32 rows cannot feed a warpgroup's 64-row MMA); fp32 or wider heads keep it.
     At BLOCK_D = 128 (D = 80, 96, 128) keep the tiles whose output and score accumulators, BLOCK_M x
     (BLOCK_D + BLOCK_N) fp32, come to at most 96 elements per thread (80 on sm_80): 128 x 32 (4 warps) and
-    128 x 128 spill 52-100 B on sm_90a, and on sm_80 also 64 x 64 and 128 x 64 (4-8 B)."""
+    128 x 128 spill 52-100 B on sm_90a, and on sm_80 also 64 x 64 and 128 x 64 (4-8 B).
+    With a bias its (BLOCK_M, BLOCK_N) tile counts as BLOCK_N more columns, at every BLOCK_D <= 128: on sm_90a
+    (fp16, N = 197) 128 x 32 (4 warps) and 128 x 128 spill 0.5-4.7 KB at D = 64, and 64 x 64 and 128 x 64
+    0.02-1.7 KB at D = 80; the tiles this keeps compile spill-free. Where none passes, the smallest stays."""
     q = named_args.get("Q")
     block_d = kwargs.get("BLOCK_D", 64)
     if block_d > 128 or getattr(q, "dtype", torch.float16) == torch.float32:
         return configs
     configs = [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
-    if block_d > 64:
+    has_bias = kwargs.get("HAS_BIAS", False)
+    if block_d > 64 or has_bias:
         budget = 96 if capability(q) >= 90 else 80
-        configs = [c for c in configs
-                   if c.kwargs["BLOCK_M"] * (block_d + c.kwargs["BLOCK_N"]) <= budget * 32 * c.num_warps]
+        cols = (lambda c: block_d + 2 * c.kwargs["BLOCK_N"]) if has_bias else (lambda c: block_d + c.kwargs["BLOCK_N"])
+        fitting = [c for c in configs if c.kwargs["BLOCK_M"] * cols(c) <= budget * 32 * c.num_warps]
+        configs = fitting or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
     return configs
 
 
 _fwd_tuned = autotune(_FWD_CONFIGS, _TUNE_KEY, prune_configs_by={"early_config_prune": _prune_fwd})(
     _attention_fwd_kernel)
+def _prune_dkdv(configs, named_args, **kwargs):
+    """_prune_wide_heads, and with a bias on sm_80 only 32-query tiles of at most 2,048 scores (1,024 at
+    BLOCK_D = 128): there 64 x 64, 64 x 128 and 32 x 128 spill 0.15-5.4 KB per thread at D = 64, and 32 x 64
+    8-44 B at D = 80 (fp16, N = 197)."""
+    configs = _prune_wide_heads(configs, named_args, **kwargs)
+    if kwargs.get("HAS_BIAS", False) and capability(named_args.get("Q")) < 90:
+        most = 2048 if kwargs.get("BLOCK_D", 64) <= 64 else 1024
+        configs = [c for c in configs
+                   if c.kwargs["BLOCK_M"] <= 32 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= most]
+    return configs
+
+
 _bwd_dkdv_tuned = autotune(_BWD_DKDV_CONFIGS, _TUNE_KEY_DBIAS,
-                           prune_configs_by={"early_config_prune": _prune_wide_heads})(_attention_bwd_dkdv_kernel)
+                           prune_configs_by={"early_config_prune": _prune_dkdv})(_attention_bwd_dkdv_kernel)
 def _prune_dq(configs, named_args, **kwargs):
-    """At BLOCK_D > 64 the dQ kernel keeps query blocks of at most 64 rows (128 x 32 and 128 x 64 spill
-    172-736 B per thread on sm_80)."""
-    if kwargs.get("BLOCK_D", 64) <= 64:
+    """At BLOCK_D > 64, or with a bias, the dQ kernel keeps query blocks of at most 64 rows (128 x 32 and
+    128 x 64 spill 172-736 B per thread on sm_80; with a bias 128 x 32 spills 12 B on sm_90a at D = 64). With
+    a bias on sm_80 also key blocks of at most 32 (64 x 64 spills 12-204 B there)."""
+    has_bias = kwargs.get("HAS_BIAS", False)
+    if kwargs.get("BLOCK_D", 64) <= 64 and not has_bias:
         return configs
-    return [c for c in configs if c.kwargs["BLOCK_M"] <= 64]
+    configs = [c for c in configs if c.kwargs["BLOCK_M"] <= 64]
+    if has_bias and capability(named_args.get("Q")) < 90:
+        configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 32]
+    return configs
 
 
 _bwd_dq_tuned = autotune(_BWD_DQ_CONFIGS, _TUNE_KEY, prune_configs_by={"early_config_prune": _prune_dq})(
