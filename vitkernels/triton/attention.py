@@ -598,7 +598,7 @@ def _prune_fwd(configs, named_args, **kwargs):
         budget = 96 if capability(q) >= 90 else 80
         cols = (lambda c: block_d + 2 * c.kwargs["BLOCK_N"]) if has_bias else (lambda c: block_d + c.kwargs["BLOCK_N"])
         fitting = [c for c in configs if c.kwargs["BLOCK_M"] * cols(c) <= budget * 32 * c.num_warps]
-        configs = fitting or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        configs = fitting or sorted(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])[:1]
     return configs
 
 
