@@ -1,5 +1,6 @@
-// Attention CUDA kernels: softmax(q k^T * scale) v, non-causal, no mask, any sequence length, head dim
-// D <= 128 (tiles padded to 32, 64, 80, 96 or 128 columns), fp32 / fp16 / bf16.
+// Attention CUDA kernels: softmax(q k^T * scale) v, non-causal, no bias (the contract's optional additive
+// bias is refused here, check_no_bias; the CPU twin in attention.cpp implements it), any sequence length,
+// head dim D <= 128 (tiles padded to 32, 64, 80, 96 or 128 columns), fp32 / fp16 / bf16.
 // The readable statement of what they compute is the CPU twin in attention.cpp; the argument checks live
 // there too (check_attention_fwd / check_attention_bwd) and run before any launch here.
 //
@@ -51,9 +52,11 @@
 namespace vitkernels {
 
 // Defined in attention.cpp (shared with the CPU twin).
-void check_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+void check_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const c10::optional<at::Tensor>& bias);
 void check_attention_bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                         const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse);
+                         const at::Tensor& v, const c10::optional<at::Tensor>& bias, const at::Tensor& out,
+                         const at::Tensor& lse);
 
 namespace {
 
@@ -611,9 +614,18 @@ void check_cuda_limits(const at::Tensor& q, const at::Tensor& k) {
            "attention: sequence lengths must be below 2^30, got N = ", q.size(2), ", M = ", k.size(2));
 }
 
+// The contract's additive bias is implemented by the CPU twin only: these kernels refuse it (the Python
+// backend's why_not_supported passes biased inputs to another backend before they get here).
+void check_no_bias(const c10::optional<at::Tensor>& bias) {
+  VK_CHECK(!bias.has_value(), "attention: the CUDA kernels do not take an additive bias yet (the CPU twin and "
+           "the triton backend do)");
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                      const at::Tensor& v, double scale) {
-  check_attention_fwd(q, k, v);
+                                                      const at::Tensor& v, const c10::optional<at::Tensor>& bias,
+                                                      double scale) {
+  check_attention_fwd(q, k, v, bias);
+  check_no_bias(bias);
   check_cuda_limits(q, k);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), M = k.size(2);
@@ -641,11 +653,14 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   return {out.transpose(1, 2), lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, double scale) {
-  check_attention_bwd(grad_out, q, k, v, out, lse);
+    const c10::optional<at::Tensor>& bias, const at::Tensor& out, const at::Tensor& lse, double scale,
+    bool needs_dbias) {
+  check_attention_bwd(grad_out, q, k, v, bias, out, lse);
+  check_no_bias(bias);
   check_cuda_limits(q, k);
+  at::Tensor dbias = at::empty({0}, q.options());  // no bias, so no dbias, whatever needs_dbias says
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), M = k.size(2);
   at::Tensor dq = at::empty({B, N, H, D}, q.options());
@@ -656,7 +671,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     dq.zero_();
     dk.zero_();
     dv.zero_();
-    return {dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)};
+    return {dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dbias};
   }
   at::Tensor delta = at::empty({B, H, N}, q.options().dtype(at::kFloat));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -692,7 +707,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return {dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)};
+  return {dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dbias};
 }
 
 }  // namespace

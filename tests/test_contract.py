@@ -54,15 +54,17 @@ def _linear_case(gelu, bias, residual):
     return (x, w, b, r, act, gelu), bwd
 
 
-def _attention_case():
+def _attention_case(bias):
     qkv = torch.randn(2, 19, 3, 2, 32, device=DEVICE)  # q, k, v as strided views of a fused qkv
     q, k, v = (t.transpose(1, 2).requires_grad_() for t in qkv.unbind(2))
+    b = _leaf(1, 2, 19, 19) if bias else None  # BEiT's relative position bias: broadcast over the batch
 
     def bwd(out):
         o, lse = out
-        return (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o, lse, 0.2)
+        return (torch.randn_like(o), q.detach(), k.detach(), v.detach(), None if b is None else b.detach(), o, lse,
+                0.2, bias)
 
-    return (q, k, v, 0.2), bwd
+    return (q, k, v, b, 0.2), bwd
 
 
 def _attention_qkv_case():
@@ -143,7 +145,7 @@ def _rope_case(half):
 CASES = {
     "layer_norm": [(_layer_norm_case, (True, True)), (_layer_norm_case, (False, False))],
     "linear": [(_linear_case, (True, True, True)), (_linear_case, (False, False, False))],
-    "attention": [(_attention_case, ())],
+    "attention": [(_attention_case, (False,)), (_attention_case, (True,))],
     "attention_qkv": [(_attention_qkv_case, ())],
     "patch_embed": [(_patch_embed_case, (1, "N+K")), (_patch_embed_case, (0, None)), (_patch_embed_case, (2, "N"))],
     "ln_linear": [(_ln_linear_case, (True, True)), (_ln_linear_case, (False, False))],

@@ -134,7 +134,7 @@ def test_attention_gpu_config_in_the_interpreter(monkeypatch, which, config, dty
     from vitkernels.triton import attention as A
 
     # D = 80 (padded to 128), or 64 for a tile pruned at wider heads (where it spills on sm_90a)
-    prune = {"fwd": A._prune_fwd, "dkdv": A._prune_wide_heads, "dq": A._prune_dq, "fused": A._prune_wide_heads}
+    prune = {"fwd": A._prune_fwd, "dkdv": A._prune_dkdv, "dq": A._prune_dq, "fused": A._prune_wide_heads}
     D = 80 if prune[which]([config], {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=128) else 64
     plain = {"fwd": A._attention_fwd_kernel, "dkdv": A._attention_bwd_dkdv_kernel, "dq": A._attention_bwd_dq_kernel,
              "fused": A._attention_bwd_fused_kernel}
@@ -150,8 +150,8 @@ def test_attention_gpu_config_in_the_interpreter(monkeypatch, which, config, dty
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 77, D, generator=g).to(dtype) for _ in range(3))
     do = torch.randn(1, 2, 77, D, generator=g).to(dtype)
-    o, lse = A.attention_fwd(q, k, v, D ** -0.5)
-    grads = A.attention_bwd(do, q, k, v, o, lse, D ** -0.5)
+    o, lse = A.attention_fwd(q, k, v, None, D ** -0.5)
+    grads = A.attention_bwd(do, q, k, v, None, o, lse, D ** -0.5, False)[:3]
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
     ref = F.scaled_dot_product_attention(*leaves, scale=D ** -0.5)
     ref_grads = torch.autograd.grad(ref, leaves, do.double())

@@ -1,12 +1,13 @@
-"""Attention on the compiled extension: softmax(q k^T * scale) v, non-causal, no mask (ViT attention).
+"""Attention on the compiled extension: softmax(q k^T * scale + bias) v, non-causal (ViT attention).
 
 The kernels live in csrc/: ``attention_kernel.cu`` (CUDA: flash-attention-2 style tiles in shared memory,
 online softmax, wmma tensor cores for fp16/bf16 on sm80+, fp32 FMA otherwise; backward without atomics)
 and ``attention.cpp`` (argument checks, schemas and the C++ CPU twin, the readable statement of the math,
 which CI runs). Both sit behind two operators:
 
-    torch.ops.vitkernels_C.attention_fwd(q, k, v, scale) -> (out, lse)
-    torch.ops.vitkernels_C.attention_bwd(grad_out, q, k, v, out, lse, scale) -> (dq, dk, dv)
+    torch.ops.vitkernels_C.attention_fwd(q, k, v, bias, scale) -> (out, lse)
+    torch.ops.vitkernels_C.attention_bwd(grad_out, q, k, v, bias, out, lse, scale, needs_dbias)
+        -> (dq, dk, dv, dbias)
 
 Shapes: q (B, H, N, D); k, v (B, H, M, D), any batch/head/row strides with a contiguous last dim (a tensor
 whose last dim is strided is copied once here). ``out`` (B, H, N, D) is a transposed view of a
@@ -15,7 +16,10 @@ the fp32 log-sum-exp of the scaled scores, saved for the backward. dq, dk, dv co
 (views of (B, rows, H, D) buffers).
 
 Supported: fp32, fp16, bf16; any N and M >= 1; head dim D <= 128 on CUDA (tiles of 32, 64, 80, 96 or 128
-columns; 64 and 80 are the ViT cases), any D on the CPU twin; B * H <= 65535 on CUDA.
+columns; 64 and 80 are the ViT cases), any D on the CPU twin; B * H <= 65535 on CUDA. The additive bias
+(vitkernels/ops/attention.py) runs on the CPU twin only: the CUDA kernels do not take one yet, so
+``why_not_supported`` refuses CUDA inputs with a bias (``auto`` then picks another backend) and the C++ op
+checks that none reaches them.
 
 The extension is loaded (JIT-built from csrc/ when not prebuilt) when this module is imported, which the
 ``cuda`` backend does on first use of the op; the fake implementations and the autograd formula are
@@ -37,10 +41,13 @@ MAX_HEAD_DIM = 128  # tiles of 32, 64, 80, 96 or 128 columns
 MAX_GRID_Y = 65535  # B * H on grid axis 1
 
 
-def why_not_supported(device: torch.device, dtype: torch.dtype, D: int, BH: int) -> str | None:
-    """The kernels' limits (None when these inputs run here): the CPU twin runs any head dim."""
+def why_not_supported(device: torch.device, dtype: torch.dtype, D: int, BH: int, has_bias: bool = False
+                      ) -> str | None:
+    """The kernels' limits (None when these inputs run here): the CPU twin runs any head dim, and a bias."""
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"cuda attention runs fp32/fp16/bf16, got {dtype}"
+    if device.type == "cuda" and has_bias:
+        return "cuda attention's CUDA kernels take no additive bias (attn_mask / relative position bias) yet"
     if device.type == "cuda" and D > MAX_HEAD_DIM:
         return f"cuda attention supports head dims up to {MAX_HEAD_DIM} on CUDA, got {D}"
     if device.type == "cuda" and BH > MAX_GRID_Y:

@@ -23,14 +23,14 @@ def _views(qkv, num_heads):
 
 def attention_qkv_fwd(qkv, num_heads, scale):
     """qkv (B, N, 3 H D) -> (out (B, H, N, D), lse (B, H, N) fp32)."""
-    return _C.attention_fwd(*_views(qkv, num_heads), scale)
+    return _C.attention_fwd(*_views(qkv, num_heads), None, scale)
 
 
 def attention_qkv_bwd(grad_out, qkv, out, lse, num_heads, scale):
     """d(qkv) (B, N, 3 H D): the extension's dq, dk, dv stacked into qkv's layout."""
     B, N, C3 = qkv.shape
     grad_out, out = last_dim_contiguous(grad_out, out)
-    dq, dk, dv = _C.attention_bwd(grad_out, *_views(qkv, num_heads), out, lse, scale)
+    dq, dk, dv, _ = _C.attention_bwd(grad_out, *_views(qkv, num_heads), None, out, lse, scale, False)
     return torch.stack([g.transpose(1, 2) for g in (dq, dk, dv)], dim=2).reshape(B, N, C3)
 
 

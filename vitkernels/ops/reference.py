@@ -54,9 +54,19 @@ def layer_norm(x, weight, bias, eps, residual):
     return F.layer_norm(s, s.shape[-1:], weight, bias, eps), s
 
 
-def attention(q, k, v, scale):
-    """q (B, H, N, D), k/v (B, H, M, D) -> (B, H, N, D)."""
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+def attention(q, k, v, bias, scale):
+    """q (B, H, N, D), k/v (B, H, M, D), bias None or broadcastable to (B, H, N, M) -> (B, H, N, D).
+
+    SDPA, except on rows whose bias is all -inf: SDPA returns NaN there (and NaN gradients), the op's
+    contract returns 0 with no gradient (vitkernels/ops/attention.py), so those rows get bias 0 and a zeroed
+    output."""
+    if bias is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if bias.dtype != q.dtype and not torch.is_autocast_enabled(q.device.type):
+        bias = bias.to(q.dtype)  # SDPA takes a float mask in the query's dtype; fp32 biases are allowed
+    dead = torch.isneginf(bias).all(dim=-1, keepdim=True)  # (B | 1, H | 1, N | 1, 1): every key masked
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.masked_fill(dead, 0.0), scale=scale)
+    return out.masked_fill(dead, 0.0)
 
 
 def attention_qkv(qkv, num_heads, scale):

@@ -1,6 +1,7 @@
 """Fused multi-head attention (FlashAttention-2 style), forward and backward, for every ViT shape.
 
-    o = softmax(q k^T * scale) v            q: (B, H, N, D), k, v: (B, H, M, D), o: (B, H, N, D)
+    o = softmax(q k^T * scale + bias) v     q: (B, H, N, D), k, v: (B, H, M, D), o: (B, H, N, D)
+                                            bias (optional): broadcastable to (B, H, N, M)
 
 Forward: one program per (block of BLOCK_M query rows, batch x head). It streams over the keys in blocks of
 BLOCK_N with the online softmax (running row max m and row sum l, rescaling the accumulator), in fp32, with
@@ -37,7 +38,15 @@ Supported range and limits:
   to 160 KB per thread in ``python -m vitkernels audit --dtypes fp32``), so no fp32 tile is offered there:
   fp32 CUDA tensors take a composed path with the same contract (fp32 cuBLAS GEMMs, scores materialised
   per batch chunk; ``_composed_fwd`` / ``_composed_bwd``). Under autocast attention runs in bf16 / fp16.
-- Non-causal, no mask, no dropout: what ViT attention needs.
+- An optional additive bias (BEiT's relative position bias (1, H, N, N), a timm attn_mask, a key-padding mask
+  (B, 1, 1, M)), any strides: each kernel loads its (BLOCK_M, BLOCK_N) tile through the bias's strides, 0
+  along the dims it broadcasts (an expanded view is never copied), adds it times log2(e) to the log2-domain
+  scores, and the kernels stay unchanged without one (HAS_BIAS is a constexpr, in the autotune key). -inf
+  entries mask keys; a row masked entirely gets out = 0, lse = +inf and no gradient (ops/attention.py).
+  Its gradient dbias, when asked for, is dS written per (b, h) into an fp32 (B, H, N, M) buffer (4 B H N M
+  bytes: 477 MB for BEiT-B/16 at batch 256, N = M = 197; none when the bias is full-size, whose gradient is
+  written directly in its dtype), reduced over the broadcast dims by torch.sum: deterministic.
+- Non-causal, no dropout: what ViT attention needs.
 
 Block sizes: on a GPU a few configurations are autotuned per (N, M, D, dtype). N = 197 (ViT-B/16) matters
 most: with 64-row query blocks it splits into 4 blocks (256 rows, 23% padding), the same padding as two
@@ -54,7 +63,7 @@ import triton.language as tl
 
 from vitkernels.backends import triton_interpreter
 from vitkernels.triton import NAMESPACE, autotune, capability
-from vitkernels.ops.attention import CONTRACT, empty_bnhd
+from vitkernels.ops.attention import CONTRACT, bias_strides, dbias_from_scores, empty_bnhd
 
 __all__ = ["attention", "attention_fwd", "attention_bwd", "attention_bwd_into", "launch_grid"]
 
@@ -75,7 +84,10 @@ def _attention_fwd_inner(
     V_ptrs,  # (BLOCK_N, BLOCK_D) pointers to v for the same key block
     stride_kn,  # k stride along keys
     stride_vn,  # v stride along keys
+    Bias_rows,  # (BLOCK_M,) pointers to key 0 of the bias rows of the query block (unused without a bias)
+    stride_biask,  # bias stride along keys
     offs_n,  # (BLOCK_N,) 0..BLOCK_N-1
+    mask_m,  # (BLOCK_M,) query rows < N_Q
     mask_d,  # (BLOCK_D,) head-dim lanes < D
     qk_scale,  # scale * log2(e)
     start,  # first key of the range
@@ -83,6 +95,7 @@ def _attention_fwd_inner(
     N_K,  # number of keys M
     BLOCK_N: tl.constexpr,
     MASK_N: tl.constexpr,  # the range contains keys >= N_K (the ragged tail block)
+    HAS_BIAS: tl.constexpr,  # add the bias tile to the scores
     INPUT_PRECISION: tl.constexpr,
 ):
     K_ptrs += start * stride_kn
@@ -96,12 +109,27 @@ def _attention_fwd_inner(
             k = tl.load(K_ptrs, mask=mask_d[:, None], other=0.0)
             v = tl.load(V_ptrs, mask=mask_d[None, :], other=0.0)
         s = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
+        if HAS_BIAS:
+            # The tile's pointers are formed here from the (BLOCK_M,) row pointers: a (BLOCK_M, BLOCK_N) pointer
+            # tile carried across iterations costs 64-bit registers per score and spills on sm_90a.
+            bias_ptrs = Bias_rows[:, None] + (start_n + offs_n)[None, :] * stride_biask
+            if MASK_N:
+                bias = tl.load(bias_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+            else:
+                bias = tl.load(bias_ptrs, mask=mask_m[:, None], other=0.0)
+            s += bias.to(tl.float32) * 1.4426950408889634  # the bias is in natural-log units: * log2(e) too
         if MASK_N:
             # Out-of-range keys must not enter the max or the sum: -inf before the max.
             s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block has at least one valid key
-        alpha = tl.exp2(m_i - m_new)  # rescales the old statistics; 0 on the first block (m_i = -inf)
-        p = tl.exp2(s - m_new[:, None])
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # without a bias finite: every block has at least one valid key
+        if HAS_BIAS:
+            # A bias can mask every key of a block so far (m_new = -inf): subtract 0 then, so that p and alpha
+            # come out 0 instead of exp2(-inf - -inf) = NaN. m_i itself stays the true max.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_sub = m_new
+        alpha = tl.exp2(m_i - m_sub)  # rescales the old statistics; 0 on the first block (m_i = -inf)
+        p = tl.exp2(s - m_sub[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
@@ -117,17 +145,20 @@ def _attention_fwd_kernel(
     K,  # (B, H, M, D) keys, any strides
     V,  # (B, H, M, D) values, any strides
     O,  # (B, H, N, D) output (a transposed view of a (B, N, H, D) buffer)
-    LSE,  # (B, H, N) fp32 contiguous: natural-log log-sum-exp of each row of scale * q k^T
+    LSE,  # (B, H, N) fp32 contiguous: natural-log log-sum-exp of each row of scale * q k^T + bias
+    BIAS,  # (B, H, N, M) additive bias read through its strides (0 along broadcast dims); q when HAS_BIAS=False
     qk_scale,  # scale * log2(e)
     stride_qb, stride_qh, stride_qn, stride_qd,  # q strides (elements)
     stride_kb, stride_kh, stride_kn, stride_kd,  # k strides
     stride_vb, stride_vh, stride_vn, stride_vd,  # v strides
     stride_ob, stride_oh, stride_on, stride_od,  # o strides
+    stride_biasb, stride_biash, stride_biasq, stride_biask,  # bias strides (batch, head, query, key)
     H,  # number of heads
     N_Q,  # number of queries N
     N_K,  # number of keys M
     HEAD_DIM: tl.constexpr,  # D
     BLOCK_D: tl.constexpr,  # next_power_of_2(D), >= 16
+    HAS_BIAS: tl.constexpr,  # a bias is given
     INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, "tf32" (unused by fp16/bf16 dots) otherwise
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per inner step
@@ -150,21 +181,31 @@ def _attention_fwd_kernel(
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     K_ptrs = K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # k^T tile, (BLOCK_D, BLOCK_N)
     V_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd  # (BLOCK_N, BLOCK_D)
+    Bias_rows = BIAS + b * stride_biasb + h * stride_biash + offs_m * stride_biasq  # (BLOCK_M,)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # Full key blocks without the key mask, then the ragged tail (if any) with it.
     n_full = (N_K // BLOCK_N) * BLOCK_N
-    acc, m_i, l_i = _attention_fwd_inner(acc, m_i, l_i, q, K_ptrs, V_ptrs, stride_kn, stride_vn, offs_n, mask_d,
-                                         qk_scale, 0, n_full, N_K, BLOCK_N, False, INPUT_PRECISION)
+    acc, m_i, l_i = _attention_fwd_inner(acc, m_i, l_i, q, K_ptrs, V_ptrs, stride_kn, stride_vn, Bias_rows,
+                                         stride_biask, offs_n, mask_m, mask_d, qk_scale, 0, n_full, N_K, BLOCK_N,
+                                         False, HAS_BIAS, INPUT_PRECISION)
     if n_full < N_K:
-        acc, m_i, l_i = _attention_fwd_inner(acc, m_i, l_i, q, K_ptrs, V_ptrs, stride_kn, stride_vn, offs_n,
-                                             mask_d, qk_scale, n_full, N_K, N_K, BLOCK_N, True, INPUT_PRECISION)
+        acc, m_i, l_i = _attention_fwd_inner(acc, m_i, l_i, q, K_ptrs, V_ptrs, stride_kn, stride_vn, Bias_rows,
+                                             stride_biask, offs_n, mask_m, mask_d, qk_scale, n_full, N_K, N_K,
+                                             BLOCK_N, True, HAS_BIAS, INPUT_PRECISION)
 
-    # Out-of-range query rows saw q = 0 (scores 0 on valid keys), so l_i > 0 everywhere: no 0/0.
+    # Out-of-range query rows saw q = 0 and bias 0 (scores 0 on valid keys), so l_i > 0 there: no 0/0.
+    if HAS_BIAS:
+        # A row whose every key the bias masked has l_i = 0 (and m_i = -inf): out 0 and lse +inf, so that the
+        # backward's P = exp(s - lse) is 0 on the whole row (no gradient from it, no NaN).
+        masked_row = l_i == 0.0
+        l_i = tl.where(masked_row, 1.0, l_i)
     acc = acc / l_i[:, None]
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
+    if HAS_BIAS:
+        lse = tl.where(masked_row, float("inf"), lse)
     tl.store(LSE + (b * H + h) * N_Q + offs_m, lse, mask=mask_m)
     tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od, acc.to(O.dtype.element_ty),
              mask=mask_m[:, None] & mask_d[None, :])
@@ -173,21 +214,25 @@ def _attention_fwd_kernel(
 # ----------------------------------------------------------------------------------------------------------
 # Backward
 #
-# Per (batch, head), with S = scale * Q K^T (N x M), P = softmax(S) row-wise, O = P V, and dO given:
+# Per (batch, head), with S = scale * Q K^T + bias (N x M), P = softmax(S) row-wise, O = P V, and dO given:
 #
 #   dV = P^T dO                                   (O is linear in V)
 #   dP = dO V^T                                   (O is linear in P)
 #   dS_ij = P_ij (dP_ij - delta_i),  delta_i = sum_j P_ij dP_ij
 #           (softmax Jacobian: dP_ij/dS_ik = P_ij (1[j=k] - P_ik))
 #   delta_i = sum_j P_ij (dO_i . V_j) = dO_i . (sum_j P_ij V_j) = dO_i . O_i = rowsum(dO * O)_i
-#   dQ = scale * dS K,   dK = scale * dS^T Q
+#   dQ = scale * dS K,   dK = scale * dS^T Q,   dbias = dS summed over the dims the bias broadcasts along
 #
 # P is never stored: each kernel recomputes a tile of it from the saved log-sum-exp,
-#   P_ij = exp(S_ij - lse_i) = exp2(scale * log2(e) * q_i . k_j - log2(e) * lse_i),
-# which is exactly the normalised probability (no second online pass). delta is computed once by the
-# preprocess kernel (it needs all of O's row, a (N,) vector per head). The key-block kernel holds k_j, v_j
-# and loops over all query blocks accumulating dK_j, dV_j; the query-block kernel holds q_i, dO_i and loops
-# over all key blocks accumulating dQ_i. Each output tile has one writer: no atomics, deterministic.
+#   P_ij = exp(S_ij - lse_i) = exp2(scale * log2(e) * q_i . k_j + log2(e) * bias_ij - log2(e) * lse_i),
+# which is exactly the normalised probability (no second online pass); a row the bias masked entirely has
+# lse = +inf, so P = 0 on it. dS is complete in each tile (delta is known), so the kernel that visits each
+# (query block, key block) pair once (dK/dV, or the one-launch backward) stores it into an fp32
+# (B, H, N, M) buffer when dbias is wanted; torch.sum reduces that over the broadcast dims (deterministic).
+# delta is computed once by the preprocess kernel (it needs all of O's row, a (N,) vector per head). The
+# key-block kernel holds k_j, v_j and loops over all query blocks accumulating dK_j, dV_j; the query-block
+# kernel holds q_i, dO_i and loops over all key blocks accumulating dQ_i. Each output tile has one writer: no
+# atomics, deterministic.
 # Out-of-range query rows get P = 0 (masked after the exp2); out-of-range keys get P = 0 in the dq kernel
 # and are never stored by the dk/dv kernel.
 # ----------------------------------------------------------------------------------------------------------
@@ -229,6 +274,8 @@ def _attention_bwd_dkdv_kernel(
     DELTA,  # (B, H, N) fp32 contiguous, rowsum(dO * O)
     DK,  # (B, H, M, D) key gradient (view of a (B, M, H, D) buffer)
     DV,  # (B, H, M, D) value gradient (same layout)
+    BIAS,  # (B, H, N, M) additive bias through its strides (0 along broadcast dims); q when HAS_BIAS=False
+    DBIAS,  # (B, H, N, M) out: dS, written when STORE_DBIAS (fp32, or bias's dtype when bias is full-size)
     qk_scale,  # scale * log2(e)
     scale,  # softmax scale
     stride_qb, stride_qh, stride_qn, stride_qd,  # q strides
@@ -237,11 +284,15 @@ def _attention_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_don, stride_dod,  # do strides
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,  # dk strides
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,  # dv strides
+    stride_biasb, stride_biash, stride_biasq, stride_biask,  # bias strides (batch, head, query, key)
+    stride_dbb, stride_dbh, stride_dbq, stride_dbk,  # dbias buffer strides
     H,  # heads
     N_Q,  # queries N
     N_K,  # keys M
     HEAD_DIM: tl.constexpr,  # D
     BLOCK_D: tl.constexpr,  # next_power_of_2(D)
+    HAS_BIAS: tl.constexpr,  # a bias is given
+    STORE_DBIAS: tl.constexpr,  # write dS to DBIAS
     INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32
     BLOCK_M: tl.constexpr,  # queries per inner step
     BLOCK_N: tl.constexpr,  # keys per program
@@ -261,6 +312,8 @@ def _attention_bwd_dkdv_kernel(
     DO += b * stride_dob + h * stride_doh
     LSE += (b * H + h) * N_Q
     DELTA += (b * H + h) * N_Q
+    BIAS += b * stride_biasb + h * stride_biash
+    DBIAS += b * stride_dbb + h * stride_dbh
     k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                 mask=mask_nd, other=0.0)  # (BLOCK_N, BLOCK_D)
     v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
@@ -277,11 +330,19 @@ def _attention_bwd_dkdv_kernel(
         lse2 = tl.load(LSE + rows, mask=mask_m, other=0.0) * 1.4426950408889634  # log2 domain
         delta = tl.load(DELTA + rows, mask=mask_m, other=0.0)
         sT = tl.dot(k, qT, input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M) = S^T, log2 domain
+        mask_nm = mask_n[:, None] & mask_m[None, :]
+        if HAS_BIAS:
+            biasT = tl.load(BIAS + rows[None, :] * stride_biasq + offs_n[:, None] * stride_biask, mask=mask_nm,
+                            other=0.0)
+            sT += biasT.to(tl.float32) * 1.4426950408889634
         pT = tl.exp2(sT - lse2[None, :])
         pT = tl.where(mask_m[None, :], pT, 0.0)  # padded query rows contribute nothing
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)  # dV += P^T dO
         dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (dO V^T)^T
         dsT = pT * (dpT - delta[None, :])
+        if STORE_DBIAS:
+            tl.store(DBIAS + rows[None, :] * stride_dbq + offs_n[:, None] * stride_dbk,
+                     dsT.to(DBIAS.dtype.element_ty), mask=mask_nm)
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=INPUT_PRECISION)  # dK += dS^T Q
     dk = dk * scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
@@ -299,6 +360,7 @@ def _attention_bwd_dq_kernel(
     LSE,  # (B, H, N) fp32 contiguous, natural log
     DELTA,  # (B, H, N) fp32 contiguous, rowsum(dO * O)
     DQ,  # (B, H, N, D) query gradient (view of a (B, N, H, D) buffer)
+    BIAS,  # (B, H, N, M) additive bias through its strides (0 along broadcast dims); q when HAS_BIAS=False
     qk_scale,  # scale * log2(e)
     scale,  # softmax scale
     stride_qb, stride_qh, stride_qn, stride_qd,  # q strides
@@ -306,11 +368,13 @@ def _attention_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,  # v strides
     stride_dob, stride_doh, stride_don, stride_dod,  # do strides
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,  # dq strides
+    stride_biasb, stride_biash, stride_biasq, stride_biask,  # bias strides (batch, head, query, key)
     H,  # heads
     N_Q,  # queries N
     N_K,  # keys M
     HEAD_DIM: tl.constexpr,  # D
     BLOCK_D: tl.constexpr,  # next_power_of_2(D)
+    HAS_BIAS: tl.constexpr,  # a bias is given
     INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32
     BLOCK_M: tl.constexpr,  # queries per program
     BLOCK_N: tl.constexpr,  # keys per inner step
@@ -328,6 +392,7 @@ def _attention_bwd_dq_kernel(
 
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
+    BIAS += b * stride_biasb + h * stride_biash
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                 mask=mask_md, other=0.0)  # (BLOCK_M, BLOCK_D)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
@@ -342,6 +407,10 @@ def _attention_bwd_dq_kernel(
         kT = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=mask_dn, other=0.0)
         vT = tl.load(V + cols[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=mask_dn, other=0.0)
         s = tl.dot(q, kT, input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
+        if HAS_BIAS:
+            bias = tl.load(BIAS + offs_m[:, None] * stride_biasq + cols[None, :] * stride_biask,
+                           mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+            s += bias.to(tl.float32) * 1.4426950408889634
         p = tl.exp2(s - lse2[:, None])
         p = tl.where(mask_n[None, :], p, 0.0)  # padded keys have probability 0
         dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)  # dO V^T
@@ -360,6 +429,8 @@ def _attention_bwd_fused_kernel(
     DELTA,  # (B, H, N) fp32 contiguous, out: rowsum(dO * O), computed here first
     DQACC,  # (B, H, N, BLOCK_D) fp32 contiguous, zeroed: dQ / scale accumulated over the key blocks
     DQ, DK, DV,  # (B, H, N | M, D) gradients, any strides (e.g. the slices of one d(qkv) buffer)
+    BIAS,  # (B, H, N, M) additive bias through its strides (0 along broadcast dims); q when HAS_BIAS=False
+    DBIAS,  # (B, H, N, M) out: dS, written when STORE_DBIAS (fp32, or bias's dtype when bias is full-size)
     qk_scale,  # scale * log2(e)
     scale,  # softmax scale
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -370,11 +441,15 @@ def _attention_bwd_fused_kernel(
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_biasb, stride_biash, stride_biasq, stride_biask,  # bias strides (batch, head, query, key)
+    stride_dbb, stride_dbh, stride_dbq, stride_dbk,  # dbias buffer strides
     H,  # heads
     N_Q,  # queries N
     N_K,  # keys M
     HEAD_DIM: tl.constexpr,  # D
     BLOCK_D: tl.constexpr,  # next_power_of_2(D)
+    HAS_BIAS: tl.constexpr,  # a bias is given
+    STORE_DBIAS: tl.constexpr,  # write dS to DBIAS
     INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32
     BLOCK_M: tl.constexpr,  # queries per inner step
     BLOCK_N: tl.constexpr,  # keys per outer step
@@ -400,6 +475,8 @@ def _attention_bwd_fused_kernel(
     LSE += (b * H + h) * N_Q
     DELTA += (b * H + h) * N_Q
     DQACC += (b * H + h) * N_Q * BLOCK_D
+    BIAS += b * stride_biasb + h * stride_biash
+    DBIAS += b * stride_dbb + h * stride_dbh
     for start_m in range(0, N_Q, BLOCK_M):  # delta first: every key block needs all of it
         rows = start_m + offs_m
         mask_md = (rows < N_Q)[:, None] & mask_d[None, :]
@@ -426,11 +503,20 @@ def _attention_bwd_fused_kernel(
             lse2 = tl.load(LSE + rows, mask=mask_m, other=0.0) * 1.4426950408889634  # log2 domain
             delta = tl.load(DELTA + rows, mask=mask_m, other=0.0)
             sT = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+            mask_nm = mask_n[:, None] & mask_m[None, :]
+            if HAS_BIAS:
+                biasT = tl.load(BIAS + rows[None, :] * stride_biasq + cols[:, None] * stride_biask, mask=mask_nm,
+                                other=0.0)
+                sT += biasT.to(tl.float32) * 1.4426950408889634
             pT = tl.exp2(sT - lse2[None, :])
-            pT = tl.where(mask_m[None, :] & mask_n[:, None], pT, 0.0)  # padded rows / keys contribute nothing
+            pT = tl.where(mask_nm, pT, 0.0)  # padded rows / keys contribute nothing
             dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)  # dV += P^T dO
             dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (dO V^T)^T
-            dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+            dsT = pT * (dpT - delta[None, :])
+            if STORE_DBIAS:
+                tl.store(DBIAS + rows[None, :] * stride_dbq + cols[:, None] * stride_dbk,
+                         dsT.to(DBIAS.dtype.element_ty), mask=mask_nm)
+            dsT = dsT.to(q.dtype)
             dk = tl.dot(dsT, q, dk, input_precision=INPUT_PRECISION)  # dK += dS^T Q
             acc_ptrs = DQACC + rows[:, None] * BLOCK_D + offs_d[None, :]
             dq = tl.load(acc_ptrs, mask=mask_m[:, None], other=0.0)
@@ -483,46 +569,71 @@ def _prune_wide_heads(configs, named_args, **kwargs):
 
 def _prune_fused_bwd(configs, named_args, **kwargs):
     """_prune_wide_heads, and on sm_80 (mma.sync keeps the operand fragments of five GEMMs in registers) only
-    32-query blocks: 64 x 64, 64 x 128 and 64 x 32 spill 8-128 B per thread at D = 64 and 128."""
+    32-query blocks: 64 x 64, 64 x 128 and 64 x 32 spill 8-128 B per thread at D = 64 and 128. With a bias at
+    BLOCK_D = 128 also only 32-query blocks: 64 x 32 spills 84 B on sm_90a with an fp32 bias."""
     configs = _prune_wide_heads(configs, named_args, **kwargs)
-    if capability(named_args.get("Q")) < 90:
+    wide_biased = kwargs.get("HAS_BIAS", False) and kwargs.get("BLOCK_D", 64) > 64
+    if capability(named_args.get("Q")) < 90 or wide_biased:
         configs = [c for c in configs if c.kwargs["BLOCK_M"] <= 32]
     return configs
-_TUNE_KEY = ["N_Q", "N_K", "HEAD_DIM"]  # the autotuner adds the tensors' dtypes to the key
+_TUNE_KEY = ["N_Q", "N_K", "HEAD_DIM", "HAS_BIAS"]  # the autotuner adds the tensors' dtypes to the key
+_TUNE_KEY_DBIAS = _TUNE_KEY + ["STORE_DBIAS"]  # the kernels that may store dS
 
 def _prune_fwd(configs, named_args, **kwargs):
     """Drop the 32 x 32 fallback where the others fit (16-bit inputs, BLOCK_D <= 128): on sm_90a it is the one
     forward tile without wgmma (32 rows cannot feed a warpgroup's 64-row MMA); fp32 or wider heads keep it.
     At BLOCK_D = 128 (D = 80, 96, 128) keep the tiles whose output and score accumulators, BLOCK_M x
     (BLOCK_D + BLOCK_N) fp32, come to at most 96 elements per thread (80 on sm_80): 128 x 32 (4 warps) and
-    128 x 128 spill 52-100 B on sm_90a, and on sm_80 also 64 x 64 and 128 x 64 (4-8 B)."""
+    128 x 128 spill 52-100 B on sm_90a, and on sm_80 also 64 x 64 and 128 x 64 (4-8 B).
+    With a bias its (BLOCK_M, BLOCK_N) tile counts as BLOCK_N more columns, at every BLOCK_D <= 128: on sm_90a
+    (fp16, N = 197) 128 x 32 (4 warps) and 128 x 128 spill 0.5-4.7 KB at D = 64, and 64 x 64 and 128 x 64
+    0.02-1.7 KB at D = 80; the tiles this keeps compile spill-free. Where none passes, the smallest stays."""
     q = named_args.get("Q")
     block_d = kwargs.get("BLOCK_D", 64)
     if block_d > 128 or getattr(q, "dtype", torch.float16) == torch.float32:
         return configs
     configs = [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
-    if block_d > 64:
+    has_bias = kwargs.get("HAS_BIAS", False)
+    if block_d > 64 or has_bias:
         budget = 96 if capability(q) >= 90 else 80
-        configs = [c for c in configs
-                   if c.kwargs["BLOCK_M"] * (block_d + c.kwargs["BLOCK_N"]) <= budget * 32 * c.num_warps]
+        cols = (lambda c: block_d + 2 * c.kwargs["BLOCK_N"]) if has_bias else (lambda c: block_d + c.kwargs["BLOCK_N"])
+        fitting = [c for c in configs if c.kwargs["BLOCK_M"] * cols(c) <= budget * 32 * c.num_warps]
+        configs = fitting or sorted(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])[:1]
     return configs
 
 
 _fwd_tuned = autotune(_FWD_CONFIGS, _TUNE_KEY, prune_configs_by={"early_config_prune": _prune_fwd})(
     _attention_fwd_kernel)
-_bwd_dkdv_tuned = autotune(_BWD_DKDV_CONFIGS, _TUNE_KEY,
-                           prune_configs_by={"early_config_prune": _prune_wide_heads})(_attention_bwd_dkdv_kernel)
+def _prune_dkdv(configs, named_args, **kwargs):
+    """_prune_wide_heads, and with a bias on sm_80 only 32-query tiles of at most 2,048 scores (1,024 at
+    BLOCK_D = 128): there 64 x 64, 64 x 128 and 32 x 128 spill 0.15-5.4 KB per thread at D = 64, and 32 x 64
+    8-44 B at D = 80 (fp16, N = 197)."""
+    configs = _prune_wide_heads(configs, named_args, **kwargs)
+    if kwargs.get("HAS_BIAS", False) and capability(named_args.get("Q")) < 90:
+        most = 2048 if kwargs.get("BLOCK_D", 64) <= 64 else 1024
+        configs = [c for c in configs
+                   if c.kwargs["BLOCK_M"] <= 32 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= most]
+    return configs
+
+
+_bwd_dkdv_tuned = autotune(_BWD_DKDV_CONFIGS, _TUNE_KEY_DBIAS,
+                           prune_configs_by={"early_config_prune": _prune_dkdv})(_attention_bwd_dkdv_kernel)
 def _prune_dq(configs, named_args, **kwargs):
-    """At BLOCK_D > 64 the dQ kernel keeps query blocks of at most 64 rows (128 x 32 and 128 x 64 spill
-    172-736 B per thread on sm_80)."""
-    if kwargs.get("BLOCK_D", 64) <= 64:
+    """At BLOCK_D > 64, or with a bias, the dQ kernel keeps query blocks of at most 64 rows (128 x 32 and
+    128 x 64 spill 172-736 B per thread on sm_80; with a bias 128 x 32 spills 12 B on sm_90a at D = 64). With
+    a bias on sm_80 also key blocks of at most 32 (64 x 64 spills 12-204 B there)."""
+    has_bias = kwargs.get("HAS_BIAS", False)
+    if kwargs.get("BLOCK_D", 64) <= 64 and not has_bias:
         return configs
-    return [c for c in configs if c.kwargs["BLOCK_M"] <= 64]
+    configs = [c for c in configs if c.kwargs["BLOCK_M"] <= 64]
+    if has_bias and capability(named_args.get("Q")) < 90:
+        configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 32]
+    return configs
 
 
 _bwd_dq_tuned = autotune(_BWD_DQ_CONFIGS, _TUNE_KEY, prune_configs_by={"early_config_prune": _prune_dq})(
     _attention_bwd_dq_kernel)
-_bwd_fused_tuned = autotune(_BWD_FUSED_CONFIGS, _TUNE_KEY, reset_to_zero=["DQACC"],
+_bwd_fused_tuned = autotune(_BWD_FUSED_CONFIGS, _TUNE_KEY_DBIAS, reset_to_zero=["DQACC"],
                             prune_configs_by={"early_config_prune": _prune_fused_bwd})(_attention_bwd_fused_kernel)
 
 # The one-launch backward runs one program per (batch, head): it is chosen when B * H fills the GPU (at least
@@ -585,30 +696,50 @@ def _batch_chunks(q: torch.Tensor, M: int):
     return [slice(b, min(b + per, B)) for b in range(0, B, per)]
 
 
-def _composed_fwd(q, k, v, scale, o, lse):
+def _scores(q, k, bias, scale, c):
+    """scale * q k^T + bias on batch chunk c: (chunk, H, N, M) fp32 (a bias of batch 1 is broadcast)."""
+    s = torch.matmul(q[c], k[c].transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + (bias if bias.shape[0] == 1 else bias[c])
+    return s
+
+
+def _composed_fwd(q, k, v, bias, scale, o, lse):
     for c in _batch_chunks(q, k.shape[2]):
-        s = torch.matmul(q[c], k[c].transpose(-1, -2)) * scale  # (chunk, H, N, M)
-        lse[c] = torch.logsumexp(s, dim=-1)
+        s = _scores(q, k, bias, scale, c)  # (chunk, H, N, M)
+        lse_c = torch.logsumexp(s, dim=-1)
+        if bias is not None:  # a row the bias masked entirely: lse +inf, so P = exp(s - lse) = 0 (out 0)
+            lse_c = lse_c.masked_fill(torch.isneginf(lse_c), float("inf"))
+        lse[c] = lse_c
         o[c] = torch.matmul(torch.exp(s - lse[c, ..., None]), v[c])
     return o, lse
 
 
-def _composed_bwd(grad_out, q, k, v, o, lse, scale, dq, dk, dv):
+def _composed_bwd(grad_out, q, k, v, bias, o, lse, scale, dq, dk, dv, ds_all):
     for c in _batch_chunks(q, k.shape[2]):
-        p = torch.exp(torch.matmul(q[c], k[c].transpose(-1, -2)) * scale - lse[c, ..., None])  # (chunk, H, N, M)
+        p = torch.exp(_scores(q, k, bias, scale, c) - lse[c, ..., None])  # (chunk, H, N, M)
         ds = p * (torch.matmul(grad_out[c], v[c].transpose(-1, -2))
                   - (grad_out[c] * o[c]).sum(-1, keepdim=True))  # P * (dO V^T - rowsum(dO * O))
         dq[c] = torch.matmul(ds, k[c]) * scale
         dk[c] = torch.matmul(ds.transpose(-1, -2), q[c]) * scale
         dv[c] = torch.matmul(p.transpose(-1, -2), grad_out[c])
+        if ds_all is not None:
+            ds_all[c] = ds
     return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Launchers (no autograd; tests and benchmarks call them directly)
 # ----------------------------------------------------------------------------------------------------------
-def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
-    """q (B, H, N, D), k/v (B, H, M, D), any strides -> (o (B, H, N, D) view of (B, N, H, D), lse (B, H, N) fp32)."""
+def _bias_args(bias: torch.Tensor | None, like: torch.Tensor):
+    """(pointer, 4 strides) by which the kernels read the bias as (B, H, N, M): stride 0 along its size-1 dims;
+    ``like`` and zeros without one (HAS_BIAS=False never dereferences it)."""
+    return (like, (0, 0, 0, 0)) if bias is None else (bias, bias_strides(bias))
+
+
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float):
+    """q (B, H, N, D), k/v (B, H, M, D), any strides, bias None or (B | 1, H | 1, N | 1, M) any strides
+    -> (o (B, H, N, D) view of (B, N, H, D), lse (B, H, N) fp32)."""
     B, H, N, D = q.shape
     M = k.shape[2]
     BLOCK_D = _block_d(D)
@@ -617,56 +748,78 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     if o.numel() == 0 or M == 0:
         return o, lse
     if _composed(q):
-        return _composed_fwd(q, k, v, scale, o, lse)
+        return _composed_fwd(q, k, v, bias, scale, o, lse)
     kernel, blocks = _kernel(_fwd_tuned, _attention_fwd_kernel)
+    bias_ptr, bias_stride = _bias_args(bias, q)
 
     def grid(meta):
         return launch_grid(B * H, N, meta["BLOCK_M"])
 
     kernel[grid](
-        q, k, v, o, lse, scale * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        q, k, v, o, lse, bias_ptr, scale * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *bias_stride,
         H, N, M,
-        HEAD_DIM=D, BLOCK_D=BLOCK_D, INPUT_PRECISION=_precision(q.dtype), **blocks,
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, HAS_BIAS=bias is not None, INPUT_PRECISION=_precision(q.dtype), **blocks,
     )
     return o, lse
 
 
-def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                  lse: torch.Tensor, scale: float):
-    """Gradients (dq, dk, dv) of ``attention_fwd``; each a (B, H, *, D) view of a (B, *, H, D) buffer."""
+def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  bias: torch.Tensor | None, o: torch.Tensor, lse: torch.Tensor, scale: float, needs_dbias: bool):
+    """Gradients (dq, dk, dv, dbias) of ``attention_fwd``; dq, dk, dv each a (B, H, *, D) view of a (B, *, H, D)
+    buffer; dbias in bias's shape and dtype when ``needs_dbias``, else empty (0,)."""
     B, H, N, D = q.shape
     M = k.shape[2]
-    return attention_bwd_into(grad_out, q, k, v, o, lse, scale, empty_bnhd(q, B, H, N, D),
-                              empty_bnhd(k, B, H, M, D), empty_bnhd(v, B, H, M, D))
+    return attention_bwd_into(grad_out, q, k, v, bias, o, lse, scale, empty_bnhd(q, B, H, N, D),
+                              empty_bnhd(k, B, H, M, D), empty_bnhd(v, B, H, M, D), needs_dbias)
 
 
-def attention_bwd_into(grad_out, q, k, v, o, lse, scale, dq, dk, dv):
-    """``attention_bwd`` writing into given (B, H, *, D) tensors of any strides (e.g. the three views of one
-    d(qkv) buffer, see triton/attention_qkv.py); returns (dq, dk, dv)."""
+def _dbias_buffer(bias: torch.Tensor | None, B: int, H: int, N: int, M: int, needs_dbias: bool):
+    """Where the kernels write dS: None when dbias is not wanted; bias's own gradient (its dtype) when bias is
+    full-size (B, H, N, M) (nothing to reduce); else an fp32 (B, H, N, M) buffer, reduced afterwards."""
+    if bias is None or not needs_dbias:
+        return None
+    dtype = bias.dtype if tuple(bias.shape) == (B, H, N, M) else torch.float32
+    return torch.empty((B, H, N, M), device=bias.device, dtype=dtype)
+
+
+def attention_bwd_into(grad_out, q, k, v, bias, o, lse, scale, dq, dk, dv, needs_dbias=False):
+    """``attention_bwd`` writing dq, dk, dv into given (B, H, *, D) tensors of any strides (e.g. the three views
+    of one d(qkv) buffer, see triton/attention_qkv.py); returns (dq, dk, dv, dbias)."""
     B, H, N, D = q.shape
     M = k.shape[2]
     BLOCK_D = _block_d(D)
     grad_out = grad_out.to(q.dtype)
+    no_dbias = q.new_empty((0,))
     if q.numel() == 0 or M == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        dbias = torch.zeros_like(bias) if bias is not None and needs_dbias else no_dbias
+        return dq.zero_(), dk.zero_(), dv.zero_(), dbias
     lse = lse.contiguous()
+    ds = _dbias_buffer(bias, B, H, N, M, needs_dbias)
+
+    def result():
+        return dq, dk, dv, (no_dbias if ds is None else dbias_from_scores(ds, bias))
+
     if _composed(q):
-        return _composed_bwd(grad_out, q, k, v, o, lse, scale, dq, dk, dv)
+        _composed_bwd(grad_out, q, k, v, bias, o, lse, scale, dq, dk, dv, ds)
+        return result()
     delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     precision = _precision(q.dtype)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    bias_ptr, bias_stride = _bias_args(bias, q)
+    ds_ptr, ds_stride = (q, (0, 0, 0, 0)) if ds is None else (ds, ds.stride())
+    flags = dict(HAS_BIAS=bias is not None, STORE_DBIAS=ds is not None)
 
     if B * H >= fused_bwd_min_bh(q.device) and fused_bwd_compiles(q, BLOCK_D):  # one launch, 5 GEMMs per tile pair
         dq_acc = torch.zeros((B, H, N, BLOCK_D), device=q.device, dtype=torch.float32)
         kernel, blocks = _kernel(_bwd_fused_tuned, _attention_bwd_fused_kernel)
         kernel[(B * H,)](
-            q, k, v, grad_out, o, lse, delta, dq_acc, dq, dk, dv, scale * LOG2E, scale,
-            *strides, *o.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
+            q, k, v, grad_out, o, lse, delta, dq_acc, dq, dk, dv, bias_ptr, ds_ptr, scale * LOG2E, scale,
+            *strides, *o.stride(), *dq.stride(), *dk.stride(), *dv.stride(), *bias_stride, *ds_stride,
             H, N, M,
-            HEAD_DIM=D, BLOCK_D=BLOCK_D, INPUT_PRECISION=precision, **blocks,
+            HEAD_DIM=D, BLOCK_D=BLOCK_D, **flags, INPUT_PRECISION=precision, **blocks,
         )
-        return dq, dk, dv
+        return result()
 
     PRE_BLOCK_M = 32 if BLOCK_D <= 128 else 16
     _attention_bwd_preprocess_kernel[launch_grid(B * H, N, PRE_BLOCK_M)](
@@ -676,19 +829,20 @@ def attention_bwd_into(grad_out, q, k, v, o, lse, scale, dq, dk, dv):
 
     kernel, blocks = _kernel(_bwd_dkdv_tuned, _attention_bwd_dkdv_kernel)
     kernel[lambda meta: launch_grid(B * H, M, meta["BLOCK_N"])](
-        q, k, v, grad_out, lse, delta, dk, dv, scale * LOG2E, scale,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+        q, k, v, grad_out, lse, delta, dk, dv, bias_ptr, ds_ptr, scale * LOG2E, scale,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *bias_stride,
+        *ds_stride,
         H, N, M,
-        HEAD_DIM=D, BLOCK_D=BLOCK_D, INPUT_PRECISION=precision, **blocks,
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, **flags, INPUT_PRECISION=precision, **blocks,
     )
     kernel, blocks = _kernel(_bwd_dq_tuned, _attention_bwd_dq_kernel)
     kernel[lambda meta: launch_grid(B * H, N, meta["BLOCK_M"])](
-        q, k, v, grad_out, lse, delta, dq, scale * LOG2E, scale,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
+        q, k, v, grad_out, lse, delta, dq, bias_ptr, scale * LOG2E, scale,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *bias_stride,
         H, N, M,
-        HEAD_DIM=D, BLOCK_D=BLOCK_D, INPUT_PRECISION=precision, **blocks,
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, HAS_BIAS=bias is not None, INPUT_PRECISION=precision, **blocks,
     )
-    return dq, dk, dv
+    return result()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -705,8 +859,9 @@ def launch_grid(BH: int, L: int, block: int) -> tuple[int, int]:
     return (BH, triton.cdiv(L, block))
 
 
-def why_not_supported(device: torch.device, dtype: torch.dtype, D: int, BH: int) -> str | None:
-    """The kernels' limits (None when these inputs run here)."""
+def why_not_supported(device: torch.device, dtype: torch.dtype, D: int, BH: int, has_bias: bool = False
+                      ) -> str | None:
+    """The kernels' limits (None when these inputs run here); a bias adds none."""
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"triton attention runs fp32/fp16/bf16 (tl.dot), got {dtype}"
     if D > MAX_HEAD_DIM:

@@ -16,13 +16,13 @@ from vitkernels.triton.attention import why_not_supported  # noqa: F401  (the sa
 
 def attention_qkv_fwd(qkv, num_heads, scale):
     """qkv (B, N, 3 H D) -> (out (B, H, N, D) view of (B, N, H, D), lse (B, H, N) fp32)."""
-    return attention_fwd(*split_qkv(qkv, num_heads), scale)
+    return attention_fwd(*split_qkv(qkv, num_heads), None, scale)
 
 
 def attention_qkv_bwd(grad_out, qkv, out, lse, num_heads, scale):
     """d(qkv) (B, N, 3 H D), contiguous: the kernels write dq, dk, dv straight into its three slices."""
     dqkv = qkv.new_empty(qkv.shape)
-    attention_bwd_into(grad_out, *split_qkv(qkv, num_heads), out, lse, scale, *split_qkv(dqkv, num_heads))
+    attention_bwd_into(grad_out, *split_qkv(qkv, num_heads), None, out, lse, scale, *split_qkv(dqkv, num_heads))
     return dqkv
 
 
