@@ -182,3 +182,39 @@ def _run_pool(pool, x):
     out = pool(x)
     (out * torch.linspace(-1, 1, out.numel(), device=x.device, dtype=x.dtype).view_as(out)).sum().backward()
     return {"out": out.detach(), "dx": x.grad, **{f"d{n}": p.grad for n, p in pool.named_parameters()}}
+
+
+@pytest.mark.parametrize("backend", backend_params("torch", *FUSED))
+@pytest.mark.parametrize("kind", ["bool", "float_grad", "causal"])
+def test_masked_forward_on_the_fused_attention(backend, kind):
+    """timm's ``forward(x, attn_mask=...)`` / ``is_causal``: the mask becomes the fused attention op's additive
+    bias (bool: 0 / -inf; float: as given, its gradient computed when it requires one), with register tokens
+    (T = 1 + 4 + 16 = 21 rows), against the float64 timm oracle."""
+    src = _timm_model("dinov2_reg4")
+    oracle = copy.deepcopy(src).double()
+    model = vitkernels.from_timm(src, backend=backend)
+    T = 21
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    if kind == "bool":
+        mask = torch.rand(T, T, device=DEVICE) > 0.3
+        mask.fill_diagonal_(True)
+    elif kind == "float_grad":
+        mask = torch.randn(2, 1, T, T, device=DEVICE)
+    kw = dict(is_causal=True) if kind == "causal" else dict(attn_mask=mask)
+
+    def run(m, images, dtype):
+        m.zero_grad(set_to_none=True)
+        images = images.detach().to(dtype).requires_grad_()
+        extra = dict(kw)
+        if kind == "float_grad":
+            extra["attn_mask"] = mask.detach().to(dtype).requires_grad_()
+        out = m.forward_features(images, **extra)
+        (out * torch.linspace(-1, 1, out.numel(), device=DEVICE, dtype=dtype).view_as(out)).sum().backward()
+        grads = {"out": out.detach(), "dimages": images.grad}
+        if kind == "float_grad":
+            grads["dmask"] = extra["attn_mask"].grad
+        return grads
+
+    ours, lowp, ref = run(model, x, torch.float32), run(src, x, torch.float32), run(oracle, x, torch.float64)
+    for name in ref:
+        assert_budget(name, ours[name], lowp[name], ref[name])

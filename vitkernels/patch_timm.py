@@ -31,8 +31,9 @@ patch dropout (``patch_drop``, after the embedding), and the pooling ('token', '
 ``pool_include_prefix``) in timm's unpatched ``forward_head``. A model without a position embedding
 (``pos_embed='none'``) and ``dynamic_img_pad`` run through the same fused embedding.
 
-Attention dropout during training, and timm's masked forward (``attn_mask`` / ``is_causal``), use PyTorch's
-SDPA for the attention itself (no fused kernel implements them); the GEMMs stay fused. Configurations that
+timm's masked forward (``attn_mask`` / ``is_causal``) runs the fused attention with the mask as its additive
+bias; attention dropout during training uses PyTorch's SDPA for the attention itself (no fused kernel
+implements it); the GEMMs stay fused. Configurations that
 ``vitkernels.from_timm`` rejects (SwiGLU / GLU MLPs, RoPE models, 'prr' pooling, ...) are rejected here with
 the same errors.
 

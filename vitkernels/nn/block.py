@@ -149,7 +149,7 @@ def block_forward(blk: nn.Module, x: torch.Tensor, backend: str, lean: bool = Tr
     ``vitkernels.patch_timm``, whose ``attn`` and ``mlp`` take ``residual=``. ``lean``: the memory-lean path
     where the block allows it (module docstring); otherwise the submodules are called, so hooks on them fire.
     The residual adds are fused where the math allows. ``attn_mask`` / ``is_causal``: timm's masked attention
-    (PyTorch's SDPA with the mask; the GEMMs stay fused). No Python control flow on tensor shapes or values:
+    (the fused attention with the mask as its additive bias). No Python control flow on tensor shapes or values:
     torch.fx traces it (the ops are leaf calls)."""
     plain = (isinstance(blk.ls1, nn.Identity) and isinstance(blk.ls2, nn.Identity)
              and (not blk.training or (isinstance(blk.drop_path1, nn.Identity)
