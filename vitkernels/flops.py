@@ -9,7 +9,8 @@ with T = prefix + N tokens, width C, hidden width Ch = mlp_ratio * C, patch P, i
     attn_scores   2 * T * T * C               (q k^T over all heads)
     attn_values   2 * T * T * C               (softmax(.) v)
     proj          2 * T * C * C
-    mlp           2 * T * C * Ch * 2          (fc1 and fc2)
+    mlp           2 * T * C * Ch * 2          (fc1 and fc2; a gated MLP: 2 * T * 3 * C * H, its two fc1 GEMMs of
+                                              width H = Ch / 2 (GluMlp) or Ch (SwiGLU) and fc2)
     attn_pool     2 * (S * C * 2C + 2 * S * C + C * C + C * Ch * 2)   SigLIP's 'map' head: kv of the S pooled tokens,
                                               one latent query's scores and values, proj, MLP; + 2 C C once per
                                               batch for the latent's q projection (the same for every image)
@@ -49,12 +50,13 @@ class ViTShape:
     embed_dim: int
     depth: int
     qkv_dim: int  # output width of qkv (3C)
-    mlp_hidden: int
+    mlp_hidden: int  # fc1's width (a GluMlp's packed 2H; a SwiGLU's H)
     num_prefix_tokens: int
     num_classes: int
     attn_pool: bool = False  # SigLIP's 'map' head (one latent query, the blocks' MLP width)
     pool_include_prefix: bool = False  # the attention pool reads the prefix tokens too
     num_heads: int = 1  # classifier heads: 2 with DeiT's distillation head
+    mlp_macs: int = 0  # multiply-adds per token of one block's MLP; 0: 2 C mlp_hidden (plain Mlp)
 
 
 def shape_of(model, image_size=None) -> ViTShape:
@@ -87,10 +89,20 @@ def shape_of(model, image_size=None) -> ViTShape:
                         f"blocks and head (timm names)") from exc
     img = model.patch_embed.img_size if image_size is None else image_size
     C = proj.out_channels
+    attn, mlp = (block.attn, block.mlp) if block is not None else (None, None)
+    if attn is None:
+        qkv_dim = 3 * C
+    elif getattr(attn, "qkv", None) is not None:
+        qkv_dim = attn.qkv.out_features
+    else:  # separate q / k / v projections (EVA-02)
+        qkv_dim = sum(getattr(attn, f"{n}_proj").out_features for n in "qkv")
+    fc1 = (getattr(mlp, "fc1", None) or getattr(mlp, "fc1_g", None)) if mlp is not None else None
     return ViTShape(
         img_size=_pair(img), patch_size=int(proj.kernel_size[0]), in_chans=int(proj.in_channels), embed_dim=C,
-        depth=len(blocks), qkv_dim=block.attn.qkv.out_features if block is not None else 3 * C,
-        mlp_hidden=block.mlp.fc1.out_features if block is not None else 0,
+        depth=len(blocks), qkv_dim=qkv_dim,
+        mlp_hidden=fc1.out_features if fc1 is not None else 0,
+        mlp_macs=sum(m.in_features * m.out_features for m in mlp.modules() if isinstance(m, torch.nn.Linear))
+        if mlp is not None else 0,
         num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)),
         num_classes=getattr(head, "out_features", 0),
         attn_pool=getattr(model, "attn_pool", None) is not None,
@@ -151,7 +163,7 @@ def forward_by_part(shape: ViTShape) -> dict[str, int]:
         "attn_scores": L * 2 * T * T * C,
         "attn_values": L * 2 * T * T * C,
         "proj": L * 2 * T * C * C,
-        "mlp": L * 2 * T * C * shape.mlp_hidden * 2,
+        "mlp": L * 2 * T * (shape.mlp_macs or 2 * C * shape.mlp_hidden),
         "attn_pool": _attn_pool(shape, N),
         "head": 2 * C * shape.num_classes * shape.num_heads,
     }
