@@ -4,7 +4,7 @@
 //
 // Shapes: q (B, H, N, D); k, v (B, H, M, D); any batch/head/row strides, contiguous last dim. bias: absent, or
 // (B | 1, H | 1, N | 1, M) in q's dtype or fp32, any strides, broadcast over its size-1 dims. The CUDA
-// kernels do not take a bias yet (they refuse one; the Python backend passes such inputs to another backend).
+// kernels read it the same way (attention_kernel.cu).
 // Forward, for each (b, h) and query row i:
 //   s_ij = scale * q_i . k_j + bias_ij,   lse_i = log(sum_j exp(s_ij)),   P_ij = exp(s_ij - lse_i),
 //   o_i = sum_j P_ij v_j
@@ -76,6 +76,15 @@ void check_attention_bwd(const at::Tensor& grad_out, const at::Tensor& q, const 
   VK_CHECK(lse.scalar_type() == at::kFloat, "attention: lse must be float32, got ", lse.scalar_type());
   VK_CHECK_SHAPE(lse, {q.size(0), q.size(1), q.size(2)});
   VK_CHECK_CONTIGUOUS(lse);
+}
+
+// dS (B, H, N, M) summed over the dims where bias has size 1 (torch.sum: deterministic), in bias's shape and
+// dtype: the contract's dbias. Shared by the CPU twin and the CUDA launcher.
+at::Tensor dbias_from_scores(const at::Tensor& ds, const at::Tensor& bias) {
+  std::vector<int64_t> dims;  // the dims bias broadcasts along
+  for (int64_t d = 0; d < 4; ++d)
+    if (bias.size(d) == 1 && ds.size(d) != 1) dims.push_back(d);
+  return (dims.empty() ? ds : ds.sum(dims, /*keepdim=*/true)).to(bias.scalar_type());
 }
 
 namespace {
@@ -210,12 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   });
   const auto dtype = q.scalar_type();
   at::Tensor dbias = at::empty({0}, q.options());
-  if (store_ds) {
-    std::vector<int64_t> dims;  // the dims bias broadcasts along
-    for (int64_t d = 0; d < 4; ++d)
-      if (bias->size(d) == 1 && ds_all.size(d) != 1) dims.push_back(d);
-    dbias = (dims.empty() ? ds_all : ds_all.sum(dims, /*keepdim=*/true)).to(bias->scalar_type());
-  }
+  if (store_ds) dbias = dbias_from_scores(ds_all, *bias);
   return {dq.to(dtype).transpose(1, 2), dk.to(dtype).transpose(1, 2), dv.to(dtype).transpose(1, 2), dbias};
 }
 

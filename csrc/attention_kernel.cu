@@ -1,6 +1,5 @@
-// Attention CUDA kernels: softmax(q k^T * scale) v, non-causal, no bias (the contract's optional additive
-// bias is refused here, check_no_bias; the CPU twin in attention.cpp implements it), any sequence length,
-// head dim D <= 128 (tiles padded to 32, 64, 80, 96 or 128 columns), fp32 / fp16 / bf16.
+// Attention CUDA kernels: softmax(q k^T * scale + bias) v, non-causal, an optional additive bias, any
+// sequence length, head dim D <= 128 (tiles padded to 32, 64, 80, 96 or 128 columns), fp32 / fp16 / bf16.
 // The readable statement of what they compute is the CPU twin in attention.cpp; the argument checks live
 // there too (check_attention_fwd / check_attention_bwd) and run before any launch here.
 //
@@ -20,6 +19,11 @@
 //       dV = P^T dO,  dK = scale * dS^T Q,  dQ = scale * dS K.
 //   * Ragged tiles: rows past N (queries) or M (keys) and head-dim columns past D are loaded as zeros;
 //     scores of keys past M are -inf before the row max (probability 0); nothing is stored past the ends.
+//   * Bias (optional, BiasView): (B | 1, H | 1, N | 1, M) in T or fp32, read element by element through its
+//     strides (0 along broadcast dims) where the scores are scaled, times log2(e). A row the bias masks
+//     entirely (-inf everywhere) gets out 0 and lse +inf, so its P is 0 in the backward. dbias: the dK/dV
+//     kernel (which visits each (query tile, key tile) pair once) writes dS into an fp32 (B, H, N, M) buffer,
+//     which the launcher sums over the broadcast dims (dbias_from_scores, attention.cpp): no atomics.
 //   * Inputs: q (B, H, N, D) and k, v (B, H, M, D) with arbitrary batch/head/row strides and a contiguous
 //     last dim (checked; the Python wrapper copies a tensor whose last dim is strided, once). grad_out and
 //     out likewise. Outputs are written (B, N, H, D)-contiguous (dk, dv: (B, M, H, D)), returned as
@@ -57,6 +61,7 @@ void check_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Ten
 void check_attention_bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                          const at::Tensor& v, const c10::optional<at::Tensor>& bias, const at::Tensor& out,
                          const at::Tensor& lse);
+at::Tensor dbias_from_scores(const at::Tensor& ds, const at::Tensor& bias);
 
 namespace {
 
@@ -95,6 +100,23 @@ __device__ __forceinline__ float warp_sum(float x) {
 struct RowStrides {
   int64_t b, h, n;
 };
+
+// The additive bias read as (B, H, N, M) through its strides (elements; 0 along the dims it broadcasts), in
+// the inputs' dtype T or fp32; ptr is nullptr when there is none.
+struct BiasView {
+  const void* ptr;
+  bool fp32;
+  int64_t b, h, n, m;
+};
+
+// bias(b, h, i, j) in log2 units (times log2(e), like the scores); 0 without a bias.
+template <typename T>
+__device__ __forceinline__ float bias_log2(const BiasView& bias, int b, int h, int i, int j) {
+  if (bias.ptr == nullptr) return 0.0f;
+  const int64_t at = b * bias.b + h * bias.h + i * bias.n + j * bias.m;
+  const float x = bias.fp32 ? static_cast<const float*>(bias.ptr)[at] : to_float(static_cast<const T*>(bias.ptr)[at]);
+  return x * kLog2e;
+}
 
 // ---------------------------------------------------------------------------------------------------------
 // Block-wide GEMM on shared-memory tiles: C[M x N] (fp32, row-major, ldc) (+)= A[M x K] * B[K x N].
@@ -249,6 +271,7 @@ __global__ void __launch_bounds__(kThreads, FwdLayout<T, D_PAD>::min_blocks) att
     const T* __restrict__ v,   // (B, H, M, D), strides sv
     T* __restrict__ out,       // (B, N, H, D) contiguous
     float* __restrict__ lse,   // (B, H, N) contiguous, natural log
+    BiasView bias,             // (B, H, N, M) additive bias, or none
     RowStrides sq, RowStrides sk, RowStrides sv,
     int H, int N, int M, int D,
     int vec,                   // kVec* bits: inputs that allow 16-byte loads
@@ -281,7 +304,7 @@ __global__ void __launch_bounds__(kThreads, FwdLayout<T, D_PAD>::min_blocks) att
   }
 
   for (int j0 = 0; j0 < M; j0 += BN) {
-    const int rows_k = min(BN, M - j0);  // >= 1: every key tile has a valid key, so row maxima are finite
+    const int rows_k = min(BN, M - j0);  // >= 1: without a bias every row max is finite
     __syncthreads();  // previous step's reads of Ks, Vs, P are done (and the initialisation above)
     load_tile<T, BN, D_PAD>(Ks, L::LDT, k_bh + j0 * sk.n, sk.n, rows_k, D, vec & kVecK);
     load_tile<T, BN, D_PAD>(Vs, L::LDT, v_bh + j0 * sv.n, sv.n, rows_k, D, vec & kVecV);
@@ -292,19 +315,29 @@ __global__ void __launch_bounds__(kThreads, FwdLayout<T, D_PAD>::min_blocks) att
     for (int r = warp; r < BM; r += kWarps) {
       float mx = -INFINITY;
       for (int c = lane; c < BN; c += 32) {
-        if (c < rows_k) mx = fmaxf(mx, S[r * L::LDS + c] * scale_log2);
+        if (c < rows_k) {
+          // The score in log2 units with the bias (none read for rows past N), stored back for the
+          // exponentials below (read by this same lane).
+          const float s = S[r * L::LDS + c] * scale_log2 +
+                          (r < rows_q ? bias_log2<T>(bias, b, h, i0 + r, j0 + c) : 0.0f);
+          S[r * L::LDS + c] = s;
+          mx = fmaxf(mx, s);
+        }
       }
       const float m_old = row_m[r];
       const float m_new = fmaxf(m_old, warp_max(mx));
+      // A bias can mask every key so far (m_new = -inf): subtract 0 then, so that p and alpha are 0, not
+      // exp2(-inf - -inf) = NaN. row_m keeps the true max.
+      const float m_use = m_new == -INFINITY ? 0.0f : m_new;
       float sum = 0.0f;
       for (int c = lane; c < BN; c += 32) {
-        const float p = c < rows_k ? exp2f(S[r * L::LDS + c] * scale_log2 - m_new) : 0.0f;
+        const float p = c < rows_k ? exp2f(S[r * L::LDS + c] - m_use) : 0.0f;
         P[r * L::LDP + c] = from_float<T>(p);
         sum += p;
       }
       sum = warp_sum(sum);
       if (lane == 0) {
-        const float alpha = exp2f(m_old - m_new);  // 0 on the first tile (m_old = -inf)
+        const float alpha = exp2f(m_old - m_use);  // 0 on the first tile (m_old = -inf)
         row_alpha[r] = alpha;
         row_l[r] = row_l[r] * alpha + sum;
         row_m[r] = m_new;
@@ -324,22 +357,24 @@ __global__ void __launch_bounds__(kThreads, FwdLayout<T, D_PAD>::min_blocks) att
     const int r = idx / D_PAD, d = idx % D_PAD;
     if (r < rows_q && d < D) {
       const int64_t row = (static_cast<int64_t>(b) * N + i0 + r) * H + h;
-      out[row * D + d] = from_float<T>(O[r * L::LDO + d] / row_l[r]);
+      // row_l = 0 only on a row the bias masked entirely: out 0 there.
+      out[row * D + d] = from_float<T>(row_l[r] > 0.0f ? O[r * L::LDO + d] / row_l[r] : 0.0f);
     }
   }
   for (int r = threadIdx.x; r < rows_q; r += kThreads) {
-    lse[static_cast<int64_t>(bh) * N + i0 + r] = (row_m[r] + log2f(row_l[r])) * kLn2;
+    // +inf on a fully masked row: the backward's P = exp2(s - lse) is 0 there.
+    lse[static_cast<int64_t>(bh) * N + i0 + r] = row_l[r] > 0.0f ? (row_m[r] + log2f(row_l[r])) * kLn2 : INFINITY;
   }
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // Backward.
 //
-// With s = q k^T * scale, P = softmax_rows(s), O = P V and dO the incoming gradient:
+// With s = q k^T * scale + bias, P = softmax_rows(s), O = P V and dO the incoming gradient:
 //   dV = P^T dO
 //   dP = dO V^T
 //   dS_ij = P_ij (dP_ij - sum_l P_il dP_il) = P_ij (dP_ij - delta_i),  delta_i = sum_l P_il dP_il = dO_i . O_i
-//   dQ = scale * dS K,   dK = scale * dS^T Q
+//   dQ = scale * dS K,   dK = scale * dS^T Q,   dbias = dS summed over the bias's broadcast dims
 // P is recomputed from the saved lse: P_ij = exp(s_ij - lse_i).
 
 // delta_i = sum_d dO_id O_id in fp32, one warp per row.
@@ -398,18 +433,24 @@ __device__ void load_row_stats(float* lse2_s, float* delta_s, const float* lse_b
   }
 }
 
-// P and dS of one (query tile, key tile) pair from S = Q K^T and dP = dO V^T; both 0 outside the valid
-// rows_q x rows_k corner (padding rows and keys contribute nothing to any gradient).
+// P and dS of one (query tile, key tile) pair (rows i0.., keys j0.. of head (b, h)) from S = Q K^T, the bias
+// and dP = dO V^T; both 0 outside the valid rows_q x rows_k corner (padding rows and keys contribute nothing
+// to any gradient). With ds_bh (this head's (N, M) slice of an fp32 buffer) dS is also stored there in fp32.
 template <typename T, int BM, int BN, int LDS, int LDP>
 __device__ void softmax_grad_tile(const float* S, const float* dP, const float* lse2_s, const float* delta_s,
-                                  T* P, T* dS, int rows_q, int rows_k, float scale_log2) {
+                                  T* P, T* dS, int rows_q, int rows_k, float scale_log2, const BiasView& bias,
+                                  int b, int h, int i0, int j0, float* ds_bh, int M) {
   for (int idx = threadIdx.x; idx < BM * BN; idx += kThreads) {
     const int r = idx / BN, c = idx % BN;
     const bool valid = r < rows_q && c < rows_k;
-    const float p = valid ? exp2f(S[r * LDS + c] * scale_log2 - lse2_s[r]) : 0.0f;
+    // lse = +inf on a row the bias masked entirely: p = 0 there.
+    const float p = valid ? exp2f(S[r * LDS + c] * scale_log2 + bias_log2<T>(bias, b, h, i0 + r, j0 + c) -
+                                  lse2_s[r])
+                          : 0.0f;
     const float ds = p * (dP[r * LDS + c] - delta_s[r]);
     P[r * LDP + c] = from_float<T>(p);
     dS[r * LDP + c] = from_float<T>(ds);
+    if (ds_bh != nullptr && valid) ds_bh[static_cast<int64_t>(i0 + r) * M + j0 + c] = ds;
   }
 }
 
@@ -423,6 +464,8 @@ __global__ void __launch_bounds__(kThreads, BwdLayout<T, D_PAD>::min_blocks) att
     const float* __restrict__ delta,  // (B, H, N) contiguous
     T* __restrict__ dk,            // (B, M, H, D) contiguous
     T* __restrict__ dv,            // (B, M, H, D) contiguous
+    BiasView bias,                 // (B, H, N, M) additive bias, or none
+    float* __restrict__ ds_out,    // (B, H, N, M) fp32 contiguous: dS out, or nullptr (no dbias wanted)
     RowStrides sq, RowStrides sk, RowStrides sv, RowStrides sdo,
     int H, int N, int M, int D,
     int vec,                   // kVec* bits: inputs that allow 16-byte loads
@@ -450,6 +493,7 @@ __global__ void __launch_bounds__(kThreads, BwdLayout<T, D_PAD>::min_blocks) att
   const T* dout_bh = dout + b * sdo.b + h * sdo.h;
   const float* lse_bh = lse + static_cast<int64_t>(bh) * N;
   const float* delta_bh = delta + static_cast<int64_t>(bh) * N;
+  float* ds_bh = ds_out == nullptr ? nullptr : ds_out + static_cast<int64_t>(bh) * N * M;
 
   load_tile<T, BN, D_PAD>(Ks, L::LDT, k + b * sk.b + h * sk.h + j0 * sk.n, sk.n, rows_k, D, vec & kVecK);
   load_tile<T, BN, D_PAD>(Vs, L::LDT, v + b * sv.b + h * sv.h + j0 * sv.n, sv.n, rows_k, D, vec & kVecV);
@@ -466,7 +510,8 @@ __global__ void __launch_bounds__(kThreads, BwdLayout<T, D_PAD>::min_blocks) att
     block_gemm<T, BM, BN, D_PAD, true, false>(Qs, L::LDT, Ks, L::LDT, S, L::LDS, false);    // S = Q K^T
     block_gemm<T, BM, BN, D_PAD, true, false>(dOs, L::LDT, Vs, L::LDT, dP, L::LDS, false);  // dP = dO V^T
     __syncthreads();
-    softmax_grad_tile<T, BM, BN, L::LDS, L::LDP>(S, dP, lse2_s, delta_s, P, dS, rows_q, rows_k, scale_log2);
+    softmax_grad_tile<T, BM, BN, L::LDS, L::LDP>(S, dP, lse2_s, delta_s, P, dS, rows_q, rows_k, scale_log2, bias,
+                                                 b, h, i0, j0, ds_bh, M);
     __syncthreads();
     block_gemm<T, BN, D_PAD, BM, false, true>(P, L::LDP, dOs, L::LDT, dV, L::LDA, true);  // dV += P^T dO
     block_gemm<T, BN, D_PAD, BM, false, true>(dS, L::LDP, Qs, L::LDT, dK, L::LDA, true);  // dK += dS^T Q
@@ -492,6 +537,7 @@ __global__ void __launch_bounds__(kThreads, BwdLayout<T, D_PAD>::min_blocks) att
     const float* __restrict__ lse,    // (B, H, N) contiguous, natural log
     const float* __restrict__ delta,  // (B, H, N) contiguous
     T* __restrict__ dq,            // (B, N, H, D) contiguous
+    BiasView bias,                 // (B, H, N, M) additive bias, or none
     RowStrides sq, RowStrides sk, RowStrides sv, RowStrides sdo,
     int H, int N, int M, int D,
     int vec,                   // kVec* bits: inputs that allow 16-byte loads
@@ -533,7 +579,8 @@ __global__ void __launch_bounds__(kThreads, BwdLayout<T, D_PAD>::min_blocks) att
     block_gemm<T, BM, BN, D_PAD, true, false>(Qs, L::LDT, Ks, L::LDT, S, L::LDS, false);    // S = Q K^T
     block_gemm<T, BM, BN, D_PAD, true, false>(dOs, L::LDT, Vs, L::LDT, dP, L::LDS, false);  // dP = dO V^T
     __syncthreads();
-    softmax_grad_tile<T, BM, BN, L::LDS, L::LDP>(S, dP, lse2_s, delta_s, P, dS, rows_q, rows_k, scale_log2);
+    softmax_grad_tile<T, BM, BN, L::LDS, L::LDP>(S, dP, lse2_s, delta_s, P, dS, rows_q, rows_k, scale_log2, bias,
+                                                 b, h, i0, j0, nullptr, M);
     __syncthreads();
     block_gemm<T, BM, D_PAD, BN, true, true>(dS, L::LDP, Ks, L::LDT, dQ, L::LDA, true);  // dQ += dS K
   }
@@ -552,6 +599,14 @@ __global__ void __launch_bounds__(kThreads, BwdLayout<T, D_PAD>::min_blocks) att
 // Launchers.
 
 RowStrides row_strides(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+// How the kernels read the bias (checked by check_attention_fwd): its strides, 0 along its size-1 dims.
+BiasView bias_view(const c10::optional<at::Tensor>& bias) {
+  if (!bias.has_value()) return {nullptr, false, 0, 0, 0, 0};
+  const at::Tensor& t = *bias;
+  const auto stride = [&](int d) { return t.size(d) == 1 ? int64_t{0} : t.stride(d); };
+  return {t.data_ptr(), t.scalar_type() == at::kFloat, stride(0), stride(1), stride(2), stride(3)};
+}
 
 // Whether `t` (B, H, rows, D) allows 16-byte loads: aligned base, strides and D multiples of 16 bytes.
 bool vec_ok(const at::Tensor& t) {
@@ -614,18 +669,10 @@ void check_cuda_limits(const at::Tensor& q, const at::Tensor& k) {
            "attention: sequence lengths must be below 2^30, got N = ", q.size(2), ", M = ", k.size(2));
 }
 
-// The contract's additive bias is implemented by the CPU twin only: these kernels refuse it (the Python
-// backend's why_not_supported passes biased inputs to another backend before they get here).
-void check_no_bias(const c10::optional<at::Tensor>& bias) {
-  VK_CHECK(!bias.has_value(), "attention: the CUDA kernels do not take an additive bias yet (the CPU twin and "
-           "the triton backend do)");
-}
-
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
                                                       const at::Tensor& v, const c10::optional<at::Tensor>& bias,
                                                       double scale) {
   check_attention_fwd(q, k, v, bias);
-  check_no_bias(bias);
   check_cuda_limits(q, k);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), M = k.size(2);
@@ -644,9 +691,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
       set_smem(kernel, L::bytes);
       const dim3 grid(ceil_div(N, L::BM), static_cast<unsigned>(B * H));
       kernel<<<grid, kThreads, L::bytes, stream>>>(
-          data<T>(q), data<T>(k), data<T>(v), mutable_data<T>(out), lse.data_ptr<float>(), row_strides(q),
-          row_strides(k), row_strides(v), static_cast<int>(H), static_cast<int>(N), static_cast<int>(M),
-          static_cast<int>(D), vec, scale_log2);
+          data<T>(q), data<T>(k), data<T>(v), mutable_data<T>(out), lse.data_ptr<float>(), bias_view(bias),
+          row_strides(q), row_strides(k), row_strides(v), static_cast<int>(H), static_cast<int>(N),
+          static_cast<int>(M), static_cast<int>(D), vec, scale_log2);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -658,9 +705,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const c10::optional<at::Tensor>& bias, const at::Tensor& out, const at::Tensor& lse, double scale,
     bool needs_dbias) {
   check_attention_bwd(grad_out, q, k, v, bias, out, lse);
-  check_no_bias(bias);
   check_cuda_limits(q, k);
-  at::Tensor dbias = at::empty({0}, q.options());  // no bias, so no dbias, whatever needs_dbias says
+  const bool store_ds = needs_dbias && bias.has_value();
+  at::Tensor dbias = at::empty({0}, q.options());
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), M = k.size(2);
   at::Tensor dq = at::empty({B, N, H, D}, q.options());
@@ -671,9 +718,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     dq.zero_();
     dk.zero_();
     dv.zero_();
+    if (store_ds) dbias = at::zeros(bias->sizes(), bias->options());
     return {dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dbias};
   }
   at::Tensor delta = at::empty({B, H, N}, q.options().dtype(at::kFloat));
+  // dS for dbias: every valid element is written once by the dK/dV kernel.
+  at::Tensor ds = store_ds ? at::empty({B, H, N, M}, q.options().dtype(at::kFloat)) : at::Tensor();
+  const BiasView bias_v = bias_view(bias);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const float scale_f = static_cast<float>(scale);
   const float scale_log2 = scale_f * kLog2e;
@@ -693,7 +744,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
       set_smem(dkdv_kernel, L::bytes);
       dkdv_kernel<<<dim3(ceil_div(M, L::BN), static_cast<unsigned>(B * H)), kThreads, L::bytes, stream>>>(
           data<T>(q), data<T>(k), data<T>(v), data<T>(grad_out), lse.data_ptr<float>(), delta.data_ptr<float>(),
-          mutable_data<T>(dk), mutable_data<T>(dv), row_strides(q), row_strides(k), row_strides(v),
+          mutable_data<T>(dk), mutable_data<T>(dv), bias_v, store_ds ? ds.data_ptr<float>() : nullptr,
+          row_strides(q), row_strides(k), row_strides(v),
           row_strides(grad_out), static_cast<int>(H), static_cast<int>(N), static_cast<int>(M),
           static_cast<int>(D), vec, scale_f, scale_log2);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -701,12 +753,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
       set_smem(dq_kernel, L::bytes);
       dq_kernel<<<dim3(ceil_div(N, L::BM), static_cast<unsigned>(B * H)), kThreads, L::bytes, stream>>>(
           data<T>(q), data<T>(k), data<T>(v), data<T>(grad_out), lse.data_ptr<float>(), delta.data_ptr<float>(),
-          mutable_data<T>(dq), row_strides(q), row_strides(k), row_strides(v), row_strides(grad_out),
+          mutable_data<T>(dq), bias_v, row_strides(q), row_strides(k), row_strides(v), row_strides(grad_out),
           static_cast<int>(H), static_cast<int>(N), static_cast<int>(M), static_cast<int>(D), vec, scale_f,
           scale_log2);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
+  if (store_ds) dbias = dbias_from_scores(ds, *bias);
   return {dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dbias};
 }
 

@@ -212,12 +212,6 @@ def test_attention_huge_head_dim_is_refused_with_the_reason():
 # ---------------------------------------------------------------------------------------------------------
 # Additive bias
 # ---------------------------------------------------------------------------------------------------------
-def _skip_unless_bias_runs(backend):
-    """The cuda backend's CUDA kernels take no bias yet (its CPU twin does): skipped there, with the reason."""
-    if backend == "cuda" and DEVICE.type == "cuda":
-        pytest.skip("the CUDA kernels of the cuda backend take no bias yet (why_not_supported refuses it)")
-
-
 def _bias(shape, dtype, masked=None, expand_to=None):
     """A bias leaf of ``shape`` (values ~ N(0, 1), the scale of a learnt relative position bias); ``masked``:
     "keys" sets every third key to -inf, "rows" also masks every key of query row 1 (of each (b, h));
@@ -275,7 +269,6 @@ BIAS_CASES = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_attention_bias_matches_oracle(backend, dtype, case):
-    _skip_unless_bias_runs(backend)
     _, (B, H, N, M, D), shape, masked, expand, fp32_bias = case
     _, q, _, _ = _qkv(B, H, N, D, dtype)
     _, _, k, v = _qkv(B, H, M, D, dtype)
@@ -321,7 +314,6 @@ def test_attention_bias_fp32_composed_path(monkeypatch):
 def test_attention_bias_rerun_bit_identical_and_constant_mask(backend):
     """Reruns are bit-identical, dbias included (dS has one writer, torch.sum reduces it); a bias that does not
     require grad gets no dbias (the backward op is asked for none)."""
-    _skip_unless_bias_runs(backend)
     _, q, k, v = _qkv(2, 2, 50, 64, torch.float32)
     bias = torch.randn(1, 2, 50, 50, device=DEVICE)
     grad_out = torch.randn(q.shape, device=DEVICE)
@@ -347,7 +339,6 @@ def test_attention_bias_rerun_bit_identical_and_constant_mask(backend):
 @pytest.mark.parametrize("backend", backend_params(*FUSED, op="attention"))
 def test_attention_bias_lse_and_masked_rows(backend):
     """lse is the log-sum-exp of scale * q k^T + bias; +inf on a row the bias masked entirely (out 0 there)."""
-    _skip_unless_bias_runs(backend)
     _, q, k, v = _qkv(1, 2, 41, 32, torch.float32, requires_grad=False)
     impl = require_backend(backend, "attention")
     bias = torch.randn(1, 1, 41, 41)
@@ -368,7 +359,6 @@ def test_attention_bias_compile_fullgraph(backend):
     from vitkernels.backends import prepare
     from vitkernels.ops import attention
 
-    _skip_unless_bias_runs(backend)
     prepare(backend)
     torch._dynamo.reset()
     qkv, _, _, _ = _qkv(2, 2, 13, 32, torch.float32)
@@ -403,19 +393,6 @@ def test_attention_bias_is_validated():
         ops.attention(q, k, k, bias=torch.zeros(5, 7, dtype=torch.float64, device=DEVICE), backend="torch")
     out = ops.attention(q, k, k, bias=torch.zeros(5, 7, device=DEVICE), backend="torch")  # 2-D: (1, 1, N, M)
     torch.testing.assert_close(out, ops.attention(q, k, k, backend="torch"))
-
-
-def test_cuda_kernels_refuse_a_bias_so_auto_passes_them_over():
-    """The CUDA kernels take no bias yet: the cuda backend's limits say so for CUDA tensors (so ``auto`` picks
-    triton), while its CPU twin takes one."""
-    impl = require_backend("cuda", "attention")
-    from vitkernels.cuda.attention import why_not_supported
-
-    assert impl is not None
-    cuda = torch.device("cuda")
-    assert "no additive bias" in why_not_supported(cuda, torch.float16, 64, 24, True)
-    assert why_not_supported(cuda, torch.float16, 64, 24, False) is None
-    assert why_not_supported(torch.device("cpu"), torch.float32, 64, 24, True) is None
 
 
 @pytest.mark.parametrize("cap", [80, 90])

@@ -16,10 +16,10 @@ the fp32 log-sum-exp of the scaled scores, saved for the backward. dq, dk, dv co
 (views of (B, rows, H, D) buffers).
 
 Supported: fp32, fp16, bf16; any N and M >= 1; head dim D <= 128 on CUDA (tiles of 32, 64, 80, 96 or 128
-columns; 64 and 80 are the ViT cases), any D on the CPU twin; B * H <= 65535 on CUDA. The additive bias
-(vitkernels/ops/attention.py) runs on the CPU twin only: the CUDA kernels do not take one yet, so
-``why_not_supported`` refuses CUDA inputs with a bias (``auto`` then picks another backend) and the C++ op
-checks that none reaches them.
+columns; 64 and 80 are the ViT cases), any D on the CPU twin; B * H <= 65535 on CUDA. The optional additive
+bias of the contract (vitkernels/ops/attention.py), (B | 1, H | 1, N | 1, M) in the inputs' dtype or fp32,
+any strides: the kernels read it element by element through its strides as they scale the scores; its
+gradient, when asked for, goes through an fp32 (B, H, N, M) buffer of dS summed over the broadcast dims.
 
 The extension is loaded (JIT-built from csrc/ when not prebuilt) when this module is imported, which the
 ``cuda`` backend does on first use of the op; the fake implementations and the autograd formula are
@@ -43,11 +43,10 @@ MAX_GRID_Y = 65535  # B * H on grid axis 1
 
 def why_not_supported(device: torch.device, dtype: torch.dtype, D: int, BH: int, has_bias: bool = False
                       ) -> str | None:
-    """The kernels' limits (None when these inputs run here): the CPU twin runs any head dim, and a bias."""
+    """The kernels' limits (None when these inputs run here): the CPU twin runs any head dim; a bias adds
+    none."""
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"cuda attention runs fp32/fp16/bf16, got {dtype}"
-    if device.type == "cuda" and has_bias:
-        return "cuda attention's CUDA kernels take no additive bias (attn_mask / relative position bias) yet"
     if device.type == "cuda" and D > MAX_HEAD_DIM:
         return f"cuda attention supports head dims up to {MAX_HEAD_DIM} on CUDA, got {D}"
     if device.type == "cuda" and BH > MAX_GRID_Y:
