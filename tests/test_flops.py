@@ -91,7 +91,8 @@ def test_agrees_with_flop_counter_mode_torch_backend():
 
 @pytest.mark.parametrize("name", ["vit_base_patch16_siglip_224", "vit_small_patch14_reg4_dinov2",
                                   "deit_base_distilled_patch16_224", "vit_base_patch16_clip_quickgelu_224",
-                                  "vit_giant_patch14_dinov2", "eva02_base_patch14_224", "eva02_tiny_patch14_224"])
+                                  "vit_giant_patch14_dinov2", "eva02_base_patch14_224", "eva02_tiny_patch14_224",
+                                  "beit_base_patch16_224"])
 def test_families_agree_with_flop_counter_mode(name):
     """The families of issue #17 (SigLIP's attention-pool head, register tokens, DeiT's second head and token,
     gated MLPs on ops.glu_linear, EVA-02's separate q / k / v and RoPE) on the torch backend: the analytic count within 1% of FlopCounterMode, forward and training, and the

@@ -11,13 +11,13 @@ from vitkernels.attention_maps import attention_maps, attention_rollout
 from vitkernels.convert import from_hf, from_timm, from_torchvision, load_npz
 from vitkernels.backends import BackendError, available_backends
 from vitkernels.models import create_model, list_models, load_checkpoint, model_config
-from vitkernels.nn import Eva, VisionTransformer, VisionTransformerDistilled, ViT, load_pretrained, resample_pos_embed
+from vitkernels.nn import Beit, Eva, VisionTransformer, VisionTransformerDistilled, ViT, load_pretrained, resample_pos_embed
 from vitkernels.patch_timm import patch_timm, unpatch_timm
 from vitkernels.pretrained import PretrainedWeightsError, get_pretrained_cfg, list_pretrained
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendError", "Eva", "PretrainedWeightsError", "VisionTransformer", "VisionTransformerDistilled", "ViT", "attention_maps", "attention_rollout",
+__all__ = ["BackendError", "Beit", "Eva", "PretrainedWeightsError", "VisionTransformer", "VisionTransformerDistilled", "ViT", "attention_maps", "attention_rollout",
            "available_backends", "create_model", "from_hf", "from_timm", "from_torchvision", "get_pretrained_cfg",
            "list_models", "list_pretrained", "load_checkpoint", "load_npz", "load_pretrained", "model_config", "ops",
            "patch_timm", "resample_pos_embed", "unpatch_timm", "__version__"]

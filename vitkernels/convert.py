@@ -358,11 +358,11 @@ def _check_timm_attn_pool(src: str, pool: nn.Module, b0: dict, D: int) -> None:
 def from_timm(model: nn.Module, backend: str = "auto") -> VisionTransformer:
     """A vitkernels VisionTransformer equal to a timm ``VisionTransformer`` (same config, weights, mode); a timm
     ``VisionTransformerDistilled`` gives a ``VisionTransformerDistilled``, a timm ``Eva`` (EVA-02, the rope ViTs)
-    an ``vitkernels.nn.eva.Eva`` (``eva_from_timm``).
+    a ``vitkernels.Eva`` (``eva_from_timm``), a timm ``Beit`` a ``vitkernels.Beit`` (``beit_from_timm``).
 
     Args:
         model: ``timm.models.vision_transformer.VisionTransformer``, e.g.
-            ``timm.create_model("vit_base_patch16_224")``; timm's DeiT distilled or Eva.
+            ``timm.create_model("vit_base_patch16_224")``; timm's DeiT distilled, Eva or Beit.
         backend: the vitkernels backend of the new model.
 
     The new model owns copies of the weights, on the source's device and dtype, in the source's train/eval mode.
@@ -374,6 +374,10 @@ def from_timm(model: nn.Module, backend: str = "auto") -> VisionTransformer:
         from vitkernels.nn.eva import eva_from_timm  # EVA-02 and timm's rope ViTs
 
         return eva_from_timm(model, backend=backend)
+    if type(model).__module__ == "timm.models.beit" and type(model).__name__ == "Beit":
+        from vitkernels.nn.beit import beit_from_timm  # BEiT: relative position bias on ops.attention's bias
+
+        return beit_from_timm(model, backend=backend)
     config = timm_vit_config(model)
     eps = {name: m.eps for name, m in model.named_modules() if norm_kind(m) is not None}
     drop_path = [float(getattr(blk.drop_path1, "drop_prob", 0.0)) for blk in model.blocks]

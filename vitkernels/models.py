@@ -49,6 +49,7 @@ _GIANT = dict(embed_dim=1536, depth=40, num_heads=24, mlp_ratio=5.33334, mlp_lay
 _SIGLIP = dict(class_token=False, global_pool="map")
 _SO400M = dict(embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.7362)
 _CLIP = dict(pre_norm=True, norm_eps=1e-5, act_layer="quick_gelu")
+_BEIT = dict(patch_size=16, use_abs_pos_emb=False, use_rel_pos_bias=True)
 _EVA02 = dict(img_size=224, patch_size=14, depth=12, mlp_ratio=8 / 3, swiglu_mlp=True, use_rot_pos_emb=True,
               ref_feat_shape=(16, 16))
 _ROPE_REG1 = dict(img_size=256, patch_size=16, depth=12, qkv_fused=True, qkv_bias=True, init_values=1e-5,
@@ -90,12 +91,24 @@ _ARCHS = {
                                                 scale_mlp=True, scale_attn_inner=True, global_pool="token")),
     "vit_base_patch16_rope_reg1_gap_256": ("eva", dict(_ROPE_REG1, embed_dim=768, num_heads=12)),
     "vit_medium_patch16_rope_reg1_gap_256": ("eva", dict(_ROPE_REG1, embed_dim=512, num_heads=8)),
+    # BEiT / BEiT v2: vitkernels.nn.beit.Beit (relative position bias on ops.attention's bias)
+    "beit_base_patch16_224": ("beit", dict(_BEIT, **_FAMILIES["base"], init_values=0.1)),
+    "beit_base_patch16_384": ("beit", dict(_BEIT, **_FAMILIES["base"], img_size=384, init_values=0.1)),
+    "beit_large_patch16_224": ("beit", dict(_BEIT, **_FAMILIES["large"], init_values=1e-5)),
+    "beit_large_patch16_384": ("beit", dict(_BEIT, **_FAMILIES["large"], img_size=384, init_values=1e-5)),
+    "beit_large_patch16_512": ("beit", dict(_BEIT, **_FAMILIES["large"], img_size=512, init_values=1e-5)),
+    "beitv2_base_patch16_224": ("beit", dict(_BEIT, **_FAMILIES["base"], init_values=1e-5)),
+    "beitv2_large_patch16_224": ("beit", dict(_BEIT, **_FAMILIES["large"], init_values=1e-5)),
 }
 for _name, (_family, _patch, _img, _classes) in _NAMES.items():
     _ARCHS.setdefault(_name, ("vit", dict(_FAMILIES[_family], patch_size=_patch)))
 
 
 def _model_class(kind: str):
+    if kind == "beit":
+        from vitkernels.nn.beit import Beit
+
+        return Beit
     if kind == "eva":
         from vitkernels.nn.eva import Eva
 
@@ -210,7 +223,8 @@ def create_model(model_name: str, pretrained: bool = False, pretrained_cfg=None,
     model._model_args = dict(user_args)
     # timm's _init_model_traits: the current input size, whether it is fixed, the input conv.
     model._traits = dict(img_size=model.patch_embed.img_size, first_conv=cfg.get("first_conv"),
-                         fixed_input_size=bool(model.patch_embed.strict_img_size and not model.dynamic_img_size))
+                         fixed_input_size=bool(model.patch_embed.strict_img_size
+                                                    and not getattr(model, "dynamic_img_size", False)))
     if pretrained:
         load_pretrained_weights(model, cfg, num_classes=0 if features else model.num_classes,
                                 in_chans=args.get("in_chans", 3), strict=strict, cache_dir=cache_dir)

@@ -149,6 +149,20 @@ _TABLE = {
     "eva02_base_patch16_clip_224.merged2b": _cfg(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711), num_classes=512, license='mit'),
     "vit_base_patch16_rope_reg1_gap_256.sbb_in1k": _cfg(input_size=(3, 256, 256), crop_pct=0.95, license='mit'),
     "vit_medium_patch16_rope_reg1_gap_256.sbb_in1k": _cfg(input_size=(3, 256, 256), crop_pct=0.95, license='mit'),
+    # BEiT, BEiT v2 (vitkernels.nn.beit.Beit)
+    "beit_base_patch16_224.in22k_ft_in22k_in1k": _cfg(),
+    "beit_base_patch16_224.in22k_ft_in22k": _cfg(num_classes=21841),
+    "beit_base_patch16_384.in22k_ft_in22k_in1k": _cfg(input_size=(3, 384, 384), crop_pct=1.0),
+    "beit_large_patch16_224.in22k_ft_in22k_in1k": _cfg(),
+    "beit_large_patch16_224.in22k_ft_in22k": _cfg(num_classes=21841),
+    "beit_large_patch16_384.in22k_ft_in22k_in1k": _cfg(input_size=(3, 384, 384), crop_pct=1.0),
+    "beit_large_patch16_512.in22k_ft_in22k_in1k": _cfg(input_size=(3, 512, 512), crop_pct=1.0),
+    "beitv2_base_patch16_224.in1k_ft_in22k_in1k": _cfg(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    "beitv2_base_patch16_224.in1k_ft_in1k": _cfg(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    "beitv2_base_patch16_224.in1k_ft_in22k": _cfg(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_classes=21841),
+    "beitv2_large_patch16_224.in1k_ft_in22k_in1k": _cfg(crop_pct=0.95, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    "beitv2_large_patch16_224.in1k_ft_in1k": _cfg(crop_pct=0.95, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    "beitv2_large_patch16_224.in1k_ft_in22k": _cfg(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_classes=21841),
 }
 
 

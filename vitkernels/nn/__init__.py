@@ -2,6 +2,7 @@
 
 from vitkernels.nn.attention import Attention
 from vitkernels.nn.attention_pool import AttentionPoolLatent
+from vitkernels.nn.beit import Beit
 from vitkernels.nn.block import Block, DropPath, LayerScale
 from vitkernels.nn.deit import VisionTransformerDistilled
 from vitkernels.nn.eva import Eva
@@ -12,5 +13,5 @@ from vitkernels.nn.patch_embed import PatchEmbed
 from vitkernels.nn.pos_embed import resample_pos_embed
 from vitkernels.nn.vision_transformer import ViT, VisionTransformer, load_pretrained
 
-__all__ = ["Attention", "AttentionPoolLatent", "Block", "Eva", "DropPath", "LayerScale", "LayerNorm", "Mlp", "PatchDropout", "PatchEmbed", "RmsNorm",
+__all__ = ["Attention", "AttentionPoolLatent", "Beit", "Block", "Eva", "DropPath", "LayerScale", "LayerNorm", "Mlp", "PatchDropout", "PatchEmbed", "RmsNorm",
            "ViT", "VisionTransformer", "VisionTransformerDistilled", "load_pretrained", "resample_pos_embed"]
