@@ -15,9 +15,10 @@ import copy
 import pytest
 import torch
 
+from optional import need
 from oracle import DEVICE, FUSED, assert_budget, backend_params
 
-timm = pytest.importorskip("timm")
+timm = need("timm")
 from timm.models.beit import gen_relative_position_index as timm_index  # noqa: E402
 
 from vitkernels.nn.beit import Beit, beit_from_timm, gen_relative_position_index  # noqa: E402

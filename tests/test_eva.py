@@ -14,9 +14,10 @@ import copy
 import pytest
 import torch
 
+from optional import need
 from oracle import DEVICE, FUSED, assert_budget, backend_params
 
-timm = pytest.importorskip("timm")
+timm = need("timm")
 from timm.layers.pos_embed_sincos import RotaryEmbeddingCat as TimmRotaryEmbeddingCat  # noqa: E402
 
 from vitkernels.nn.eva import Eva, eva_from_timm, rope_table  # noqa: E402

@@ -216,7 +216,7 @@ def test_fused_ops_compile_fullgraph(backend):
 
     def half_block(x, lw, lb, w1, b1, w2, b2, wq):
         q = ln_linear(x, lw, lb, EPS, wq, None)
-        return (ln_mlp(x, lw, lb, EPS, w1, b1, w2, b2, True) + q).square().sum()
+        return (ln_mlp(x, lw, lb, EPS, w1, b1, w2, b2, True, "gelu") + q).square().sum()
 
     t = _ln_mlp_tensors((2, 7), 24, 48, torch.float32)
     inputs = [v.requires_grad_() for v in t.values()] + [_weight(24, 24, torch.float32).requires_grad_()]

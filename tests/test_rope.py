@@ -15,7 +15,10 @@ from oracle import DEVICE, FUSED, assert_budget, backend_params, require_backend
 from vitkernels import ops
 from vitkernels.ops import reference
 
-timm_rope = pytest.importorskip("timm.layers.pos_embed_sincos")
+from optional import missing, requires  # noqa: E402
+from vitkernels.nn.eva import rope_table  # noqa: E402
+
+timm_rope = None if missing("timm") else __import__("timm.layers.pos_embed_sincos", fromlist=["x"])
 
 BACKENDS = backend_params("torch", *FUSED, op="rope")
 DTYPES = [torch.float32, torch.float16]
@@ -35,10 +38,10 @@ def _ids(s):
 
 
 def _table(D, grid, half):
-    """timm's EVA-02 table (in_pixels=False, ref_feat_shape 16 x 16): (patches, 2 D) fp32, sin then cos."""
-    rope = timm_rope.RotaryEmbeddingCat(D, in_pixels=False, feat_shape=list(grid), ref_feat_shape=[16, 16],
-                                        rotate_half=half)
-    return rope.get_embed().to(DEVICE)
+    """EVA-02's table (in_pixels=False, ref_feat_shape 16 x 16): (patches, 2 D) fp32, sin then cos; vitkernels'
+    ``rope_table`` is timm's ``RotaryEmbeddingCat.get_embed()`` bit for bit (test_reference_is_timms_expression,
+    tests/test_eva.py)."""
+    return rope_table(D, grid, ref_feat_shape=(16, 16), rotate_half=half).to(DEVICE)
 
 
 def _qk(B, H, T, D, dtype):
@@ -77,7 +80,7 @@ def test_rope_matches_oracle_and_timm(backend, dtype, shape, half):
 
     oracle, oracle_grads = _run(lambda a, b: reference.rope(a, b, sin.double(), cos.double(), P, half),
                                 q.double(), k.double(), gq.double(), gk.double())
-    lowp, lowp_grads = _run(lambda a, b: _timm(a, b, table, P, half), q, k, gq, gk)
+    lowp, lowp_grads = _run(lambda a, b: reference.rope(a, b, sin, cos, P, half), q, k, gq, gk)  # timm's expression
     ours, our_grads = _run(lambda a, b: ops.rope(a, b, sin, cos, num_prefix_tokens=P, half=half, backend=backend),
                            q, k, gq, gk)
     for name, t, t_lowp, t_oracle in zip(("q_rot", "k_rot", "dq", "dk"), [*ours, *our_grads],
@@ -96,6 +99,23 @@ def test_rope_matches_oracle_and_timm(backend, dtype, shape, half):
     if backend != "torch":  # written as (B, T, H, D): the attention op's layout, read without a copy
         for t in (*ours, *our_grads):
             assert t.transpose(1, 2).is_contiguous()
+
+
+@requires("timm")
+@pytest.mark.parametrize("half", [False, True], ids=["interleaved", "half"])
+def test_reference_is_timms_expression(half):
+    """The torch reference (the budgets' low-precision baseline above) is timm's EvaAttention rope bit for bit,
+    on timm's own table, which ``rope_table`` reproduces exactly."""
+    B, H, T, D, P, grid = SHAPES[1]
+    rope = timm_rope.RotaryEmbeddingCat(D, in_pixels=False, feat_shape=list(grid), ref_feat_shape=[16, 16],
+                                        rotate_half=half)
+    table = rope.get_embed().to(DEVICE)
+    assert torch.equal(table, _table(D, grid, half))
+    sin, cos = table.chunk(2, -1)
+    for dtype in DTYPES:
+        q, k = _qk(B, H, T, D, dtype)
+        for a, b in zip(reference.rope(q, k, sin, cos, P, half), _timm(q, k, table, P, half)):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("backend", backend_params(*FUSED, op="rope"))
