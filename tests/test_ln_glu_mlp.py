@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from oracle import DEVICE, DTYPES, FUSED, backend_params
+from oracle import DEVICE, DTYPES, FUSED, assert_budget, backend_params, require_backend
 from test_fused_blocks import _check, _grads, _ln_params, _weight
 from vitkernels import ops
 
@@ -88,6 +88,54 @@ def test_ln_glu_mlp_gradient_subsets(backend, wants):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_ln_glu_mlp_strided_and_packed(backend):
+    """x a (B, N, C) view transposed in B and N; gate and value weights the two halves of one packed (2H, C)
+    fc1 weight (timm's GluMlp / SwiGLUPacked), whose gradient autograd assembles; fc2 a transposed view; a
+    stride-0 output gradient."""
+    B, N, C, H = 2, 7, 24, 40
+    t = _tensors((B, N), C, H, torch.float32)
+    t["x"] = torch.randn(N, B, C, device=DEVICE).transpose(0, 1)
+    t["fc2_weight"] = torch.randn(H, C, device=DEVICE).t() / H**0.5
+    fc1 = torch.randn(2 * H, C, device=DEVICE) / C**0.5
+    _check(_ln_glu_mlp(True), dict(t, gate_weight=fc1[:H], value_weight=fc1[H:]), backend,
+           dy=torch.randn(1, 1, C, device=DEVICE).expand(B, N, C))
+    packed = fc1.clone().requires_grad_()
+    leaves = {k: v for k, v in t.items() if k not in ("gate_weight", "value_weight")}
+    for which in ("torch", backend):
+        packed.grad = None
+        _ln_glu_mlp(True)(which, gate_weight=packed[H:], value_weight=packed[:H], **leaves).sum().backward()
+        if which == "torch":
+            ref = packed.grad
+    torch.testing.assert_close(packed.grad, ref, rtol=1e-4, atol=1e-5)
+
+
+# Autocast: an fp32 residual stream (fp32 x) with low-precision parameters. The C++ CPU twin has no fp16
+# kernels, so the cuda backend joins on a GPU only (as in test_fused_blocks.py).
+AMP_DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
+AMP_BACKENDS = backend_params(*(FUSED if DEVICE.type == "cuda" else ("triton",)), op="ln_glu_mlp")
+
+
+@pytest.mark.parametrize("backend", AMP_BACKENDS)
+def test_ln_glu_mlp_fp32_input_under_autocast(backend):
+    """Under autocast an fp32 x stays fp32: LayerNorm in fp32, the GEMMs in the autocast dtype, the residual
+    add in fp32 (fp32 output); every gradient within 2x of PyTorch's autocast error."""
+    t = _tensors((2, 33), 24, 40, torch.float32)
+
+    def run(backend, tensors, amp):
+        with torch.autocast(DEVICE.type, dtype=AMP_DTYPE, enabled=amp):
+            return _ln_glu_mlp(True)(backend, **tensors)
+
+    dy = torch.randn(run("torch", t, False).shape, device=DEVICE)
+    ours = _grads(lambda **a: run(backend, a, True), t, dy)
+    lowp = _grads(lambda **a: run("torch", a, True), t, dy)
+    oracle = _grads(lambda **a: run("torch", a, False), {k: v.double() for k, v in t.items()}, dy.double())
+    assert ours["y"].dtype == torch.float32
+    for name in oracle:
+        assert name == "y" or ours[name].dtype == torch.float32, name  # gradients of the fp32 leaves
+        assert_budget(name, ours[name], lowp[name], oracle[name], floor=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_ln_glu_mlp_inference_and_empty(backend):
     t = _tensors((5,), 24, 40, torch.float32)
     with torch.no_grad():
@@ -136,6 +184,25 @@ def test_ln_glu_mlp_flops(backend):
             _ln_glu_mlp(True)(name, **leaves).sum().backward()
         counts[name] = counter.get_total_flops()
     assert counts[backend] == counts["torch"] == 3 * 2 * R * (2 * H * C + C * H)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ln_glu_mlp_compile_fullgraph(backend):
+    """torch.compile(fullgraph=True) traces the op (no graph break) and matches eager."""
+    op = require_backend(backend, "ln_glu_mlp").get_op("ln_glu_mlp")
+    torch._dynamo.reset()
+
+    def mlp_half(x, lw, lb, wg, bg, wv, bv, w2, b2):
+        return op(x, lw, lb, EPS, wg, bg, wv, bv, w2, b2, True, "silu").square().sum()
+
+    inputs = [v.requires_grad_() for v in _tensors((2, 7), 24, 48, torch.float32).values()]
+    loss_c = torch.compile(mlp_half, fullgraph=True, backend="aot_eager")(*inputs)
+    grads_c = torch.autograd.grad(loss_c, inputs)
+    loss_e = mlp_half(*inputs)
+    grads_e = torch.autograd.grad(loss_e, inputs)
+    torch.testing.assert_close(loss_c, loss_e)
+    for gc, ge in zip(grads_c, grads_e):
+        torch.testing.assert_close(gc, ge)
 
 
 def test_ln_glu_mlp_rejects_bad_inputs():
