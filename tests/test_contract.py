@@ -131,6 +131,21 @@ def _glu_linear_case(bias, activation):
     return (x, wg, bg, wv, bv, activation), bwd
 
 
+def _ln_glu_mlp_case(affine, bias, add_input, activation):
+    x, wg, wv, w2 = _leaf(21, 16), _leaf(40, 16), _leaf(40, 16), _leaf(16, 40)
+    lw, lb = (_leaf(16), _leaf(16)) if affine else (None, None)
+    bg, bv, b2 = (_leaf(40), _leaf(40), _leaf(16)) if bias else (None, None, None)
+
+    def bwd(out):
+        y, g, v, mean, rstd = out
+        mask = [True, affine, affine, True, bias, True, bias, True, bias]
+        return (torch.randn_like(y), x.detach(), None if lw is None else lw.detach(),
+                None if lb is None else lb.detach(), mean, rstd, wg.detach(), wv.detach(), w2.detach(), g, v,
+                add_input, activation, mask)
+
+    return (x, lw, lb, 1e-5, wg, bg, wv, bv, w2, b2, add_input, activation), bwd
+
+
 def _rope_case(half):
     qkv = torch.randn(2, 9, 3, 2, 8, device=DEVICE)  # q, k as strided views of a fused qkv, 1 prefix token
     q, k = (t.transpose(1, 2).requires_grad_() for t in qkv.unbind(2)[:2])
@@ -151,6 +166,8 @@ CASES = {
     "ln_linear": [(_ln_linear_case, (True, True)), (_ln_linear_case, (False, False))],
     "ln_mlp": [(_ln_mlp_case, (True, True, True)), (_ln_mlp_case, (False, False, False, "quick_gelu"))],
     "glu_linear": [(_glu_linear_case, (True, "silu")), (_glu_linear_case, (False, "sigmoid"))],
+    "ln_glu_mlp": [(_ln_glu_mlp_case, (True, True, True, "silu")),
+                   (_ln_glu_mlp_case, (False, False, False, "sigmoid"))],
     "rope": [(_rope_case, (False,)), (_rope_case, (True,))],
 }
 # test_aot_dispatch_dynamic costs seconds per call on a small CPU: the first case of each op runs it.

@@ -150,6 +150,9 @@ def _small_cases(op: str, monkeypatch) -> list[harness.Case]:
     if op == "glu_linear":
         monkeypatch.setitem(bench.CASES, "tiny", (24, 40, "silu"))
         return [bench.case("tiny", 1)]
+    if op == "ln_glu_mlp":
+        monkeypatch.setitem(bench.CASES, "tiny", (24, 40, "silu"))
+        return [bench.case("tiny", 1)]
     if op == "rope":
         monkeypatch.setitem(bench.CASES, "tiny", (2, 3, 13, 16, 1))
         return [bench.case("tiny", 4)]

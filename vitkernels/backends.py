@@ -37,7 +37,7 @@ BACKENDS = ("auto", "triton", "cuda", "torch")
 CONCRETE = ("triton", "cuda", "torch")
 # The ops every backend may implement: the one list the package and the tests use.
 OPS = ("patch_embed", "layer_norm", "attention", "attention_qkv", "linear", "ln_linear", "ln_mlp", "glu_linear",
-       "rope")
+       "ln_glu_mlp", "rope")
 # Preference order of ``auto`` for CUDA tensors.
 _AUTO_ORDER_CUDA = ("triton", "cuda", "torch")
 

@@ -17,6 +17,7 @@ from vitkernels.ops.attention_qkv import attention_qkv
 from vitkernels.ops.glu_linear import glu_linear
 from vitkernels.ops.layer_norm import layer_norm
 from vitkernels.ops.linear import linear
+from vitkernels.ops.ln_glu_mlp import ln_glu_mlp
 from vitkernels.ops.ln_linear import ln_linear
 from vitkernels.ops.ln_mlp import ln_mlp
 from vitkernels.ops.patch_embed import patch_embed

@@ -25,7 +25,7 @@ def kernel_limits(op: str):
 def get_op(name: str):
     return {"patch_embed": patch_embed, "layer_norm": layer_norm, "attention": attention, "linear": linear,
             "ln_linear": ln_linear, "ln_mlp": ln_mlp, "attention_qkv": attention_qkv,
-            "glu_linear": glu_linear, "rope": rope}.get(name)
+            "glu_linear": glu_linear, "ln_glu_mlp": ln_glu_mlp, "rope": rope}.get(name)
 
 
 def patch_embed(images, weight, bias, pos_embed, prefix_tokens):
@@ -132,3 +132,13 @@ def rope(q, k, sin, cos, num_prefix, half):
         return torch.cat([x[:, :, :num_prefix], (patches * cos + rot(patches) * sin).to(x.dtype)], dim=2)
 
     return rotate(q), rotate(k)
+
+
+def ln_glu_mlp(x, ln_weight, ln_bias, eps, gate_weight, gate_bias, value_weight, value_bias, fc2_weight, fc2_bias,
+               add_input, activation):
+    """x (..., C) -> fc2(act(LN(x) Wg^T + bg) * (LN(x) Wv^T + bv)) [+ x], (..., O): timm's norm2 -> SwiGLU /
+    GluMlp (-> residual add)."""
+    h = glu_linear(F.layer_norm(x, x.shape[-1:], ln_weight, ln_bias, eps), gate_weight, gate_bias, value_weight,
+                   value_bias, activation)
+    y = F.linear(h, fc2_weight, fc2_bias)
+    return y + x if add_input else y
