@@ -218,3 +218,31 @@ def test_masked_forward_on_the_fused_attention(backend, kind):
     ours, lowp, ref = run(model, x, torch.float32), run(src, x, torch.float32), run(oracle, x, torch.float64)
     for name in ref:
         assert_budget(name, ours[name], lowp[name], ref[name])
+
+
+@pytest.mark.parametrize("backend", backend_params(*FUSED))
+def test_gated_mlp_lean_block_keeps_less(backend):
+    """The lean block runs a gated MLP half as one ops.ln_glu_mlp: per token it keeps x and the gate and value
+    pre-activations (C + 2H) where the per-op path keeps norm2's input and output, both pre-activations and fc2's
+    input (2C + 3H): the bytes saved for backward by the whole model, both paths, same logits."""
+    src = _timm_model("dinov2_giant_swiglu_packed")
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    saved, logits = {}, {}
+    for lean in (True, False):
+        model = vitkernels.from_timm(src, backend=backend)
+        for blk in model.blocks:
+            blk.lean = lean
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits[lean] = model(x)
+        saved[lean] = total
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-5)
+    T, C, H, depth = 21, 64, 96, 2  # 4 registers + class token + 16 patches; GluMlp of width 2H = 192
+    fewer = depth * 2 * T * (C + H) * 4  # per block: norm2's output (C) and fc2's input (H), fp32
+    assert saved[False] - saved[True] >= fewer, saved

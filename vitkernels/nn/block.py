@@ -3,7 +3,8 @@
 Two data paths, chosen per block by ``lean`` (default True):
 
 - lean: the memory-lean fused block. ``norm1`` is fused into the qkv GEMM (``ops.ln_linear``) and
-  ``norm2 -> fc1 -> act -> fc2 (+ residual)`` is one op (``ops.ln_mlp``), so the backward keeps per token
+  ``norm2 -> fc1 -> act -> fc2 (+ residual)`` is one op (``ops.ln_mlp``; a gated MLP: ``ops.ln_glu_mlp``, which
+  keeps x and the gate and value pre-activations), so the backward keeps per token
   x, qkv (q, k, v are views of it), the attention output and its log-sum-exp, x1 = x + attention branch, the
   fc1 pre-activation z (4 C) and fp32 LayerNorm statistics: 10 C values, where the per-op path (and timm)
   keeps 16 C (also LN1(x), LN2(x1) and GELU(z)). The LayerNorm and GELU outputs are recomputed inside the
@@ -33,7 +34,7 @@ from torch import nn
 
 from vitkernels import ops
 from vitkernels.nn.attention import Attention, attention_from_qkv
-from vitkernels.nn.mlp import ACTIVATIONS, epilogue_activation, is_gated, mlp_factory
+from vitkernels.nn.mlp import ACTIVATIONS, GLU_ACTIVATIONS, epilogue_activation, glu_parts, is_gated, mlp_factory
 from vitkernels.nn.norm import LayerNorm
 from vitkernels.nn.patch_embed import is_fx_tracing
 
@@ -120,11 +121,11 @@ def _is_layer_norm(m: nn.Module) -> bool:
 def lean_parts(blk: nn.Module) -> tuple[bool, bool]:
     """Which halves of ``blk`` the lean path can fuse: (norm1 into qkv, norm2 + MLP as one op). The MLP half
     needs timm's plain Mlp (an activation of the fused epilogue, no inner norm, no active dropout); a gated
-    MLP runs norm2, then its fused GLU fc1 and fc2 (vitkernels/nn/mlp.py)."""
+    MLP (GluMlp / SwiGLU, a gate the GLU epilogue computes) is one ``ops.ln_glu_mlp`` in the same way."""
     mlp = blk.mlp
     act = getattr(mlp, "act", None)
-    mlp_ok = (_is_layer_norm(blk.norm2) and act is not None and epilogue_activation(act) in ACTIVATIONS
-              and not is_gated(mlp)
+    allowed = GLU_ACTIVATIONS if is_gated(mlp) else ACTIVATIONS
+    mlp_ok = (_is_layer_norm(blk.norm2) and act is not None and epilogue_activation(act) in allowed
               and isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity)
               and not (blk.training and (mlp.drop1.p > 0 or mlp.drop2.p > 0)))
     return _is_layer_norm(blk.norm1), mlp_ok
@@ -137,6 +138,11 @@ def keeps_fp32_stream(blk: nn.Module, x: torch.Tensor) -> bool:
 
 
 def _ln_mlp(blk: nn.Module, x: torch.Tensor, backend: str, add_input: bool) -> torch.Tensor:
+    if is_gated(blk.mlp):  # norm2 + gated fc1 + fc2 [+ x]: saves x, the gate and value pre-activations
+        n2, fc2 = blk.norm2, blk.mlp.fc2
+        gw, gb, vw, vb, act = glu_parts(blk.mlp)
+        return ops.ln_glu_mlp(x, n2.weight, n2.bias, gw, gb, vw, vb, fc2.weight, fc2.bias, eps=n2.eps,
+                              add_input=add_input, activation=act, backend=backend)
     n2, fc1, fc2 = blk.norm2, blk.mlp.fc1, blk.mlp.fc2
     return ops.ln_mlp(x, n2.weight, n2.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, eps=n2.eps,
                       add_input=add_input, activation=epilogue_activation(blk.mlp.act), backend=backend)
