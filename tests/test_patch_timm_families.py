@@ -189,7 +189,7 @@ def test_unpatch_restores_timm_exactly(name):
     ("eva02_tiny", dict(dynamic_img_size=True), "dynamic_img_size"),
     ("rope_reg1_gap", dict(patch_drop_rate=0.2), "patch_drop_rate"),
     ("beit_rel", dict(attn_drop_rate=0.1), "attn_drop_rate"),
-    ("beit_rel", dict(attn_head_dim=8), "attn_head_dim"),
+    ("beit_rel", dict(norm_layer=timm.layers.RmsNorm), "RmsNorm"),
 ])
 def test_refused_configs_leave_the_model_untouched(name, kw, match):
     """What eva_from_timm / beit_from_timm refuse, patch_timm refuses with the same error, modifying nothing."""
@@ -215,7 +215,7 @@ def test_patched_eva_refuses_attention_masks():
 
 @pytest.mark.parametrize("name", ["eva02_tiny", "eva02_base", "rope_reg1_gap", "beit_rel", "beit_both_token"])
 @pytest.mark.parametrize("backend", backend_params(*FUSED, op="rope"))
-def test_fused_backend_within_budget(backend, name):
+def test_kernel_backend_within_budget(backend, name):
     """Logits and every parameter gradient (the bias tables' through the attention's dbias) within the fp32
     budget of a float64 copy of the timm model."""
     if name.startswith("beit") and backend == "cuda" and DEVICE.type == "cuda":

@@ -34,8 +34,26 @@ patch dropout (``patch_drop``, after the embedding), and the pooling ('token', '
 timm's masked forward (``attn_mask`` / ``is_causal``) runs the fused attention with the mask as its additive
 bias; attention dropout during training uses PyTorch's SDPA for the attention itself (no fused kernel
 implements it); the GEMMs stay fused. Configurations that
-``vitkernels.from_timm`` rejects (SwiGLU / GLU MLPs, RoPE models, 'prr' pooling, ...) are rejected here with
+``vitkernels.from_timm`` rejects (SwiGLU / GLU MLPs in a VisionTransformer, 'prr' pooling, ...) are rejected here with
 the same errors.
+
+timm's other ViT families run on the forwards of vitkernels' ports of them, bound the same way onto timm's
+own modules (whose attribute names the ports share):
+
+    timm.models.eva.Eva (EVA-02, rope ViTs)  vitkernels/nn/eva.py: ``eva_forward_features`` (the fused embedding,
+                                             timm's rope table), ``eva_block_forward``, ``eva_attention_forward``
+                                             (ops.linear, ops.rope, ops.attention), the MLP's ``mlp_forward``
+                                             (ops.glu_linear for SwiGLU / packed GluMlp)
+    timm.models.beit.Beit                    vitkernels/nn/beit.py: ``beit_forward_features``,
+                                             ``beit_block_forward``, ``beit_attention_forward`` (the relative
+                                             position bias, per block and / or shared, as ops.attention's bias)
+
+with timm's call signatures (``EvaBlock.forward(x, rope=None, attn_mask=None, is_causal=False)``,
+``Block.forward(x, shared_rel_pos_bias=None)``), so timm's own ``forward_intermediates`` (timm's patch
+embedding, then the patched blocks) and ``forward_head`` run unchanged. What ``eva_from_timm`` /
+``beit_from_timm`` refuse is refused here with the same ValueError, before anything is modified (their
+``check_timm_eva`` / ``check_timm_beit``); as the ports, a patched Eva raises on an attention mask. ``lean``
+has no effect on them (their blocks always take the per-op path of the ports).
 
 Nothing the timm model could do is lost: ``forward_intermediates`` (and timm's ``get_intermediate_layers``,
 ``FeatureGetterNet``) run the fused embedding and blocks, the same code path as ``forward_features``;
@@ -204,17 +222,19 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def patch_timm(model: nn.Module, backend: str = "auto", lean: bool = True) -> nn.Module:
-    """Run a timm ``VisionTransformer`` on vitkernels ops, in place; returns the same model.
+    """Run a timm ``VisionTransformer``, ``Eva`` or ``Beit`` on vitkernels ops, in place; returns the same model.
 
     Args:
-        model: ``timm.models.vision_transformer.VisionTransformer``.
+        model: ``timm.models.vision_transformer.VisionTransformer`` (or ``VisionTransformerDistilled``), or
+            timm's ``timm.models.eva.Eva`` / ``timm.models.beit.Beit`` (see the module docstring).
         backend: 'auto' | 'triton' | 'cuda' | 'torch' for every op. Patching a patched model changes the backend.
         lean: the memory-lean blocks (vitkernels/nn/block.py: norm1 fused into qkv, norm2 + MLP one op; hooks
             on norm1 / attn / norm2 / mlp do not fire). False: every submodule's forward is called.
 
     Raises:
         TypeError for another model type; ``vitkernels.convert.UnsupportedModelError`` naming an unsupported
-        feature. Nothing is modified when it raises.
+        feature (for an Eva / Beit, the ValueError of ``eva_from_timm`` / ``beit_from_timm``). Nothing is
+        modified when it raises.
     """
     backend = check_name(backend)
     family = _family(model)

@@ -25,6 +25,11 @@ strided views of its (B, N, 3 C) output) -> the block's table gathered (H, N, N)
 GELU in fc1's epilogue, or SwiGLU as one ``ops.glu_linear``; [LayerNorm] with ``scale_mlp``; fc2;
 vitkernels/nn/mlp.py) -> layer scale + residual.
 
+The forwards are module-level functions of the module they run (``beit_attention_forward(attn, x,
+shared_rel_pos_bias, backend)``, ``beit_block_forward``, ``beit_forward_features``, ``beit_pos_embed``) reading
+only timm's attribute names, so ``vitkernels.patch_timm`` binds the same code onto a timm Beit's modules;
+``check_timm_beit`` raises ``beit_from_timm``'s errors without building anything.
+
 Not (yet) here: forward_intermediates / features_only, set_input_size (timm resizes the tables with
 ``resize_rel_pos_bias_table``), pretrained-weight loading by name (the model takes timm's state_dict);
 flops.count knows VisionTransformer, not Beit.

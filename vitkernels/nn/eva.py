@@ -20,6 +20,11 @@ layer scale + residual; LayerNorm -> MLP (``mlp_forward``: SwiGLU / packed GluMl
 (gate and value GEMMs in one pass, the SiLU gate in their epilogue), [LayerNorm], fc2; or GELU in fc1's
 epilogue; vitkernels/nn/mlp.py) -> layer scale + residual.
 
+The forwards are module-level functions of the module they run (``eva_attention_forward(attn, x, rope,
+backend)``, ``eva_block_forward``, ``eva_forward_features``, ``eva_pos_embed``) reading only timm's attribute
+names, so ``vitkernels.patch_timm`` binds the same code onto a timm Eva's modules; ``check_timm_eva`` raises
+``eva_from_timm``'s errors without building anything.
+
 Not (yet) here: forward_intermediates / features_only, set_input_size, pretrained-weight loading by name (the
 model takes timm's state_dict), fp32_residual; flops.count knows VisionTransformer, not Eva.
 """
