@@ -213,6 +213,25 @@ def test_patched_eva_refuses_attention_masks():
         model.blocks[0](torch.randn(2, 17, 64, device=DEVICE), attn_mask=torch.ones(17, 17, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("name", ["eva02_tiny", "beit_both_token"])
+@pytest.mark.parametrize("backend", backend_params("triton", op="rope"))
+def test_compile_fullgraph(backend, name):
+    """The patched model traces without a graph break (the bound forwards, timm's rope table and bias gather)."""
+    model = _timm_model(name)
+    vitkernels.patch_timm(model, backend=backend)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager" if DEVICE.type == "cpu" else "inductor")
+    x = _images(model)
+    g = torch.randn(2, 5, device=DEVICE)
+    got = compiled(x)
+    got.backward(g)
+    got_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    want, want_grads = _grads(model, x, g)
+    torch.testing.assert_close(got, want)
+    for n, gw in want_grads.items():
+        torch.testing.assert_close(got_grads[n], gw, msg=lambda m: f"{n}: {m}")
+
+
 @pytest.mark.parametrize("name", ["eva02_tiny", "eva02_base", "rope_reg1_gap", "beit_rel", "beit_both_token"])
 @pytest.mark.parametrize("backend", backend_params(*FUSED, op="rope"))
 def test_kernel_backend_within_budget(backend, name):

@@ -33,9 +33,8 @@ patch dropout (``patch_drop``, after the embedding), and the pooling ('token', '
 
 timm's masked forward (``attn_mask`` / ``is_causal``) runs the fused attention with the mask as its additive
 bias; attention dropout during training uses PyTorch's SDPA for the attention itself (no fused kernel
-implements it); the GEMMs stay fused. Configurations that
-``vitkernels.from_timm`` rejects (SwiGLU / GLU MLPs in a VisionTransformer, 'prr' pooling, ...) are rejected here with
-the same errors.
+implements it); the GEMMs stay fused. Configurations that ``vitkernels.from_timm`` rejects (in a
+VisionTransformer: SwiGLU / GLU MLPs, 'prr' pooling, ...) are rejected here with the same errors.
 
 timm's other ViT families run on the forwards of vitkernels' ports of them, bound the same way onto timm's
 own modules (whose attribute names the ports share):
