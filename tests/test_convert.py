@@ -219,8 +219,8 @@ def test_from_timm_rejects_other_models():
     from timm.models.eva import Eva
 
     eva = Eva(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, use_rot_pos_emb=True)
-    with pytest.raises(TypeError, match="RoPE"):
-        vitkernels.patch_timm(eva)  # from_timm converts it (tests/test_eva.py); patching an Eva is not done
+    assert vitkernels.patch_timm(eva, backend="torch") is eva  # patched in place (tests/test_patch_timm_families.py)
+    vitkernels.unpatch_timm(eva)
     assert isinstance(vitkernels.from_timm(eva, backend="torch"), vitkernels.Eva)
     from timm.layers import GatedMlp
 

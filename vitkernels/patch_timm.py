@@ -33,9 +33,26 @@ patch dropout (``patch_drop``, after the embedding), and the pooling ('token', '
 
 timm's masked forward (``attn_mask`` / ``is_causal``) runs the fused attention with the mask as its additive
 bias; attention dropout during training uses PyTorch's SDPA for the attention itself (no fused kernel
-implements it); the GEMMs stay fused. Configurations that
-``vitkernels.from_timm`` rejects (SwiGLU / GLU MLPs, RoPE models, 'prr' pooling, ...) are rejected here with
-the same errors.
+implements it); the GEMMs stay fused. Configurations that ``vitkernels.from_timm`` rejects (in a
+VisionTransformer: SwiGLU / GLU MLPs, 'prr' pooling, ...) are rejected here with the same errors.
+
+timm's other ViT families run on the forwards of vitkernels' ports of them, bound the same way onto timm's
+own modules (whose attribute names the ports share):
+
+    timm.models.eva.Eva (EVA-02, rope ViTs)  vitkernels/nn/eva.py: ``eva_forward_features`` (the fused embedding,
+                                             timm's rope table), ``eva_block_forward``, ``eva_attention_forward``
+                                             (ops.linear, ops.rope, ops.attention), the MLP's ``mlp_forward``
+                                             (ops.glu_linear for SwiGLU / packed GluMlp)
+    timm.models.beit.Beit                    vitkernels/nn/beit.py: ``beit_forward_features``,
+                                             ``beit_block_forward``, ``beit_attention_forward`` (the relative
+                                             position bias, per block and / or shared, as ops.attention's bias)
+
+with timm's call signatures (``EvaBlock.forward(x, rope=None, attn_mask=None, is_causal=False)``,
+``Block.forward(x, shared_rel_pos_bias=None)``), so timm's own ``forward_intermediates`` (timm's patch
+embedding, then the patched blocks) and ``forward_head`` run unchanged. What ``eva_from_timm`` /
+``beit_from_timm`` refuse is refused here with the same ValueError, before anything is modified (their
+``check_timm_eva`` / ``check_timm_beit``); as the ports, a patched Eva raises on an attention mask. ``lean``
+has no effect on them (their blocks always take the per-op path of the ports).
 
 Nothing the timm model could do is lost: ``forward_intermediates`` (and timm's ``get_intermediate_layers``,
 ``FeatureGetterNet``) run the fused embedding and blocks, the same code path as ``forward_features``;
@@ -59,7 +76,9 @@ from vitkernels.convert import timm_vit_config
 from vitkernels.features import forward_intermediates, trunk
 from vitkernels.nn.attention import attention_forward
 from vitkernels.nn.attention_pool import attention_pool_forward
+from vitkernels.nn.beit import beit_attention_forward, beit_block_forward, beit_forward_features, check_timm_beit
 from vitkernels.nn.block import block_forward
+from vitkernels.nn.eva import check_timm_eva, eva_attention_forward, eva_block_forward, eva_forward_features
 from vitkernels.nn.mlp import mlp_forward
 from vitkernels.nn.vision_transformer import embed_tokens
 
@@ -129,6 +148,55 @@ def _forward_intermediates(self: nn.Module, x: torch.Tensor, indices=None, retur
                                  stop_early, output_fmt, intermediates_only, output_dict, attn_mask, is_causal)
 
 
+# -- timm's Eva (EVA-02, rope ViTs) and Beit: the forwards of vitkernels/nn/eva.py and nn/beit.py ----------------
+def _no_mask(attn_mask: torch.Tensor | None, is_causal: bool) -> None:
+    if attn_mask is not None or is_causal:
+        raise ValueError("Eva: attn_mask / is_causal are not supported (the fused attention has no mask)")
+
+
+def _eva_forward_features(self: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                          is_causal: bool = False) -> torch.Tensor:
+    return eva_forward_features(self, x, getattr(self, _BACKEND), attn_mask, is_causal)
+
+
+def _eva_block_forward(self: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None,
+                       attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    _no_mask(attn_mask, is_causal)
+    return eva_block_forward(self, x, rope, getattr(self, _BACKEND))
+
+
+def _eva_attention_forward(self: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None,
+                           attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    _no_mask(attn_mask, is_causal)
+    return eva_attention_forward(self, x, rope, getattr(self, _BACKEND))
+
+
+def _beit_forward_features(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return beit_forward_features(self, x, getattr(self, _BACKEND))
+
+
+def _beit_block_forward(self: nn.Module, x: torch.Tensor,
+                        shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
+    return beit_block_forward(self, x, shared_rel_pos_bias, getattr(self, _BACKEND))
+
+
+def _beit_attention_forward(self: nn.Module, x: torch.Tensor,
+                            shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
+    return beit_attention_forward(self, x, shared_rel_pos_bias, getattr(self, _BACKEND))
+
+
+# timm's model class (module, name) -> (the port's check, forward_features, block forward, attention forward).
+_FAMILIES = {
+    ("timm.models.eva", "Eva"): (check_timm_eva, _eva_forward_features, _eva_block_forward, _eva_attention_forward),
+    ("timm.models.beit", "Beit"): (check_timm_beit, _beit_forward_features, _beit_block_forward,
+                                   _beit_attention_forward),
+}
+
+
+def _family(model: nn.Module):
+    return _FAMILIES.get((type(model).__module__, type(model).__name__))
+
+
 def _unpatched_copy(module: nn.Module) -> nn.Module:
     """A shallow copy of the module tree without vitkernels' bound methods: the same Parameter and buffer
     objects, timm's own forwards. What torch.jit.script compiles for a patched model."""
@@ -153,25 +221,63 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def patch_timm(model: nn.Module, backend: str = "auto", lean: bool = True) -> nn.Module:
-    """Run a timm ``VisionTransformer`` on vitkernels ops, in place; returns the same model.
+    """Run a timm ``VisionTransformer``, ``Eva`` or ``Beit`` on vitkernels ops, in place; returns the same model.
 
     Args:
-        model: ``timm.models.vision_transformer.VisionTransformer``.
+        model: ``timm.models.vision_transformer.VisionTransformer`` (or ``VisionTransformerDistilled``), or
+            timm's ``timm.models.eva.Eva`` / ``timm.models.beit.Beit`` (see the module docstring).
         backend: 'auto' | 'triton' | 'cuda' | 'torch' for every op. Patching a patched model changes the backend.
         lean: the memory-lean blocks (vitkernels/nn/block.py: norm1 fused into qkv, norm2 + MLP one op; hooks
             on norm1 / attn / norm2 / mlp do not fire). False: every submodule's forward is called.
 
     Raises:
         TypeError for another model type; ``vitkernels.convert.UnsupportedModelError`` naming an unsupported
-        feature. Nothing is modified when it raises.
+        feature (for an Eva / Beit, the ValueError of ``eva_from_timm`` / ``beit_from_timm``). Nothing is
+        modified when it raises.
     """
     backend = check_name(backend)
-    timm_vit_config(model)  # validates everything the replacement forwards rely on
+    family = _family(model)
+    if family is not None:
+        family[0](model)  # eva_from_timm's / beit_from_timm's ValueError for what the port does not compute
+    else:
+        timm_vit_config(model)  # validates everything the replacement forwards rely on
     if is_patched(model):
         unpatch_timm(model)
     for m in model.modules():
         if isinstance(m, nn.LayerNorm):
             _bind(m, "forward", _layer_norm_forward, backend)
+    if family is not None:
+        _patch_family(model, family, backend)
+    else:
+        _patch_vit(model, backend, lean)
+    # Probe the backends now, outside any torch.compile trace (probing imports modules, which dynamo cannot
+    # trace). A backend that cannot run here raises at the first forward, with its reason.
+    device = model.patch_embed.proj.weight.device
+    for op in OPS:
+        try:
+            resolve(op, backend, device)
+        except BackendError:
+            pass
+    return model
+
+
+def _patch_family(model: nn.Module, family, backend: str) -> None:
+    """timm's Eva / Beit: the port's forward_features (fused embedding, then the blocks called as modules with
+    timm's signatures), block and attention forwards; the MLP through mlp_forward (bound too, for direct
+    calls); the head's Linear. forward_head (pooling) and forward_intermediates stay timm's: the latter runs
+    timm's patch embedding, then the patched blocks."""
+    _, forward_features, block_forward_, attention_forward_ = family
+    for blk in model.blocks:
+        _bind(blk, "forward", block_forward_, backend)
+        _bind(blk.attn, "forward", attention_forward_, backend)
+        _bind(blk.mlp, "forward", _mlp_forward, backend)
+    if isinstance(model.head, nn.Linear):
+        _bind(model.head, "forward", _linear_forward, backend)
+    _bind(model, "forward_features", forward_features, backend)
+    _bind(model, "__prepare_scriptable__", _prepare_scriptable, backend)
+
+
+def _patch_vit(model: nn.Module, backend: str, lean: bool) -> None:
     for blk in model.blocks:
         _bind(blk, "forward", _block_forward, backend)
         setattr(blk, _LEAN, lean)
@@ -185,15 +291,6 @@ def patch_timm(model: nn.Module, backend: str = "auto", lean: bool = True) -> nn
     _bind(model, "forward_features", _forward_features, backend)
     _bind(model, "forward_intermediates", _forward_intermediates, backend)
     _bind(model, "__prepare_scriptable__", _prepare_scriptable, backend)
-    # Probe the backends now, outside any torch.compile trace (probing imports modules, which dynamo cannot
-    # trace). A backend that cannot run here raises at the first forward, with its reason.
-    device = model.patch_embed.proj.weight.device
-    for op in OPS:
-        try:
-            resolve(op, backend, device)
-        except BackendError:
-            pass
-    return model
 
 
 def unpatch_timm(model: nn.Module) -> nn.Module:

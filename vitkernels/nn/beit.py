@@ -25,6 +25,11 @@ strided views of its (B, N, 3 C) output) -> the block's table gathered (H, N, N)
 GELU in fc1's epilogue, or SwiGLU as one ``ops.glu_linear``; [LayerNorm] with ``scale_mlp``; fc2;
 vitkernels/nn/mlp.py) -> layer scale + residual.
 
+The forwards are module-level functions of the module they run (``beit_attention_forward(attn, x,
+shared_rel_pos_bias, backend)``, ``beit_block_forward``, ``beit_forward_features``, ``beit_pos_embed``) reading
+only timm's attribute names, so ``vitkernels.patch_timm`` binds the same code onto a timm Beit's modules;
+``check_timm_beit`` raises ``beit_from_timm``'s errors without building anything.
+
 Not (yet) here: forward_intermediates / features_only, set_input_size (timm resizes the tables with
 ``resize_rel_pos_bias_table``), pretrained-weight loading by name (the model takes timm's state_dict);
 flops.count knows VisionTransformer, not Beit.
@@ -44,10 +49,11 @@ from vitkernels.nn.block import DropPath
 from vitkernels.nn.init import trunc_normal_
 from vitkernels.nn.mlp import Mlp, SwiGLU, mlp_forward
 from vitkernels.nn.norm import norm_factory
-from vitkernels.nn.patch_embed import PatchEmbed, is_fx_tracing
+from vitkernels.nn.patch_embed import PatchEmbed, check_images, is_fx_tracing
 from vitkernels.nn.vision_transformer import global_pool_nlc
 
-__all__ = ["Beit", "beit_from_timm", "RelativePositionBias", "gen_relative_position_index"]
+__all__ = ["Beit", "beit_from_timm", "RelativePositionBias", "gen_relative_position_index", "check_timm_beit",
+           "beit_attention_forward", "beit_block_forward", "beit_forward_features"]
 
 # timm's Beit pools with the class token, the mean of the patch tokens, or not at all.
 BEIT_POOLS = ("", "avg", "token")
@@ -174,22 +180,30 @@ class BeitAttention(nn.Module):
         return gather_rel_pos_bias(self.relative_position_bias_table, self.relative_position_index).unsqueeze(0)
 
     def forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, N, C); shared_rel_pos_bias None or (H, N, N), added to the block's own bias as timm does."""
-        B, N, _ = x.shape
-        H, D, be = self.num_heads, self.head_dim, self.backend
-        qkv_bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
-        qkv = ops.linear(x, self.qkv.weight, qkv_bias, backend=be)  # (B, N, 3 H D)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unflatten(-1, (3, H, D)).unbind(2))  # (B, H, N, D) views
-        bias = None
-        if self.relative_position_bias_table is not None:
-            bias = self._get_rel_pos_bias()
-            if shared_rel_pos_bias is not None:
-                bias = bias + shared_rel_pos_bias
-        elif shared_rel_pos_bias is not None:
-            bias = shared_rel_pos_bias.unsqueeze(0)
-        o = ops.attention(q, k, v, bias=bias, scale=self.scale, backend=be)  # (B, H, N, D), stored (B, N, H, D)
-        o = o.transpose(1, 2).reshape(B, N, H * D)
-        return self.proj_drop(ops.linear(o, self.proj.weight, self.proj.bias, backend=be))
+        return beit_attention_forward(self, x, shared_rel_pos_bias, self.backend)
+
+
+def beit_attention_forward(attn: nn.Module, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None,
+                           backend: str) -> torch.Tensor:
+    """x (B, N, C); shared_rel_pos_bias None or (H, N, N), added to the block's own bias as timm does -> (B, N, C),
+    for any module with timm's beit ``Attention`` attribute names (this one, and timm's under
+    ``vitkernels.patch_timm``; timm's has no ``head_dim``: the width comes from ``qkv``)."""
+    B, N, _ = x.shape
+    H = attn.num_heads
+    D = attn.qkv.out_features // (3 * H)
+    qkv_bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+    qkv = ops.linear(x, attn.qkv.weight, qkv_bias, backend=backend)  # (B, N, 3 H D)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unflatten(-1, (3, H, D)).unbind(2))  # (B, H, N, D) views
+    bias = None
+    if attn.relative_position_bias_table is not None:
+        bias = gather_rel_pos_bias(attn.relative_position_bias_table, attn.relative_position_index).unsqueeze(0)
+        if shared_rel_pos_bias is not None:
+            bias = bias + shared_rel_pos_bias
+    elif shared_rel_pos_bias is not None:
+        bias = shared_rel_pos_bias.unsqueeze(0)
+    o = ops.attention(q, k, v, bias=bias, scale=attn.scale, backend=backend)  # (B, H, N, D), stored (B, N, H, D)
+    o = o.transpose(1, 2).reshape(B, N, H * D)
+    return attn.proj_drop(ops.linear(o, attn.proj.weight, attn.proj.bias, backend=backend))
 
 
 class BeitBlock(nn.Module):
@@ -224,10 +238,17 @@ class BeitBlock(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
-        y = self.attn(self.norm1(x), shared_rel_pos_bias=shared_rel_pos_bias)
-        x = x + self.drop_path1(y if self.gamma_1 is None else self.gamma_1 * y)
-        y = mlp_forward(self.mlp, self.norm2(x), None, self.backend)
-        return x + self.drop_path2(y if self.gamma_2 is None else self.gamma_2 * y)
+        return beit_block_forward(self, x, shared_rel_pos_bias, self.backend)
+
+
+def beit_block_forward(blk: nn.Module, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None,
+                       backend: str) -> torch.Tensor:
+    """x (B, N, C) -> (B, N, C) for any module with timm's beit ``Block`` attribute names: the norms and ``attn``
+    called as modules (timm's signature), the MLP through ``mlp_forward``."""
+    y = blk.attn(blk.norm1(x), shared_rel_pos_bias=shared_rel_pos_bias)
+    x = x + blk.drop_path1(y if blk.gamma_1 is None else blk.gamma_1 * y)
+    y = mlp_forward(blk.mlp, blk.norm2(x), None, backend)
+    return x + blk.drop_path2(y if blk.gamma_2 is None else blk.gamma_2 * y)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -365,23 +386,10 @@ class Beit(nn.Module):
         return self
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        """images -> tokens (B, 1 + N, C): class token, patches, + pos_embed, in one fused op."""
-        pe = self.patch_embed.proj
-        x = ops.patch_embed(x, pe.weight, pe.bias, pos_embed=self.pos_embed, cls_token=self.cls_token,
-                            backend=self.backend)
-        return self.pos_drop(x)
+        return beit_pos_embed(self, x, self.backend)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if not is_fx_tracing():
-            self.patch_embed.check_input(x)
-        x = self._pos_embed(x)
-        rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None  # (H, N, N)
-        for blk in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(blk, x, rel_pos_bias, use_reentrant=False)
-            else:
-                x = blk(x, shared_rel_pos_bias=rel_pos_bias)
-        return self.norm(x)
+        return beit_forward_features(self, x, self.backend)
 
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
@@ -397,6 +405,30 @@ class Beit(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def beit_pos_embed(model: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
+    """images -> tokens (B, 1 + N, C): class token, patches, + pos_embed, in one fused op; for any model with
+    timm's Beit attribute names."""
+    pe = model.patch_embed.proj
+    x = ops.patch_embed(x, pe.weight, pe.bias, pos_embed=model.pos_embed, cls_token=model.cls_token, backend=backend)
+    return model.pos_drop(x)
+
+
+def beit_forward_features(model: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
+    """images (B, C, H, W) -> tokens (B, 1 + N, C) after the final norm, for any model with timm's Beit
+    attribute names (this one, and timm's under ``vitkernels.patch_timm``): the shared table gathered once by
+    its module, the blocks called as modules with timm's signature, checkpointed when ``grad_checkpointing``."""
+    if not is_fx_tracing():
+        check_images(model.patch_embed, x)
+    x = beit_pos_embed(model, x, backend)
+    rel_pos_bias = model.rel_pos_bias() if model.rel_pos_bias is not None else None  # (H, N, N)
+    for blk in model.blocks:
+        if model.grad_checkpointing and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(blk, x, rel_pos_bias, use_reentrant=False)
+        else:
+            x = blk(x, shared_rel_pos_bias=rel_pos_bias)
+    return model.norm(x)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # From timm
 # ----------------------------------------------------------------------------------------------------------
@@ -406,10 +438,9 @@ def _is_identity(m) -> bool:
     return m is None or isinstance(m, nn.Identity)
 
 
-def beit_from_timm(model: nn.Module, backend: str = "auto") -> Beit:
-    """A vitkernels ``Beit`` with the configuration and weights of timm's ``timm.models.beit.Beit`` ``model``
-    (its state_dict loaded with ``strict=True``), on the same device and dtype, in the same train/eval mode.
-    Raises ValueError naming what vitkernels does not compute (see the module docstring)."""
+def beit_kwargs_from_timm(model: nn.Module) -> dict:
+    """The ``Beit`` constructor arguments (without ``device`` / ``backend``) of timm's ``timm.models.beit.Beit``
+    ``model``. Raises ValueError naming what vitkernels does not compute that the arguments cannot express."""
     if type(model).__name__ != "Beit" or not hasattr(model, "blocks"):
         raise ValueError(f"beit_from_timm expects timm.models.beit.Beit, got {type(model).__qualname__}")
     blk = model.blocks[0]
@@ -438,8 +469,7 @@ def beit_from_timm(model: nn.Module, backend: str = "auto") -> Beit:
     if not isinstance(norm1, nn.LayerNorm):
         raise ValueError(f"beit_from_timm: norm layer {type(norm1).__qualname__} is not supported (LayerNorm)")
     dpr = [getattr(b.drop_path1, "drop_prob", 0.0) for b in model.blocks]
-    p = next(model.parameters())
-    ours = Beit(
+    return dict(
         img_size=tuple(pe.img_size), patch_size=pe.patch_size[0], in_chans=pe.proj.in_channels,
         num_classes=model.num_classes, global_pool=model.global_pool, embed_dim=dim, depth=len(model.blocks),
         num_heads=attn.num_heads, qkv_bias=attn.q_bias is not None, mlp_ratio=(hidden + 0.5) / dim,
@@ -451,8 +481,21 @@ def beit_from_timm(model: nn.Module, backend: str = "auto") -> Beit:
         init_values=1.0 if blk.gamma_1 is not None else None, use_abs_pos_emb=model.pos_embed is not None,
         use_rel_pos_bias=attn.relative_position_bias_table is not None,
         use_shared_rel_pos_bias=model.rel_pos_bias is not None, use_fc_norm=not _is_identity(model.fc_norm),
-        device="meta", backend=backend,
     )
+
+
+def check_timm_beit(model: nn.Module) -> None:
+    """Raise ``beit_from_timm``'s ValueError when vitkernels cannot compute timm's Beit ``model``; modify
+    nothing (the arguments are checked by building the port on the meta device, which allocates no memory)."""
+    Beit(**beit_kwargs_from_timm(model), device="meta", backend="torch")
+
+
+def beit_from_timm(model: nn.Module, backend: str = "auto") -> Beit:
+    """A vitkernels ``Beit`` with the configuration and weights of timm's ``timm.models.beit.Beit`` ``model``
+    (its state_dict loaded with ``strict=True``), on the same device and dtype, in the same train/eval mode.
+    Raises ValueError naming what vitkernels does not compute (see the module docstring)."""
+    p = next(model.parameters())
+    ours = Beit(**beit_kwargs_from_timm(model), device="meta", backend=backend)
     ours = ours.to_empty(device=p.device).to(p.dtype)
     ours.init_non_persistent_buffers()  # not in the state_dict: rebuilt, not loaded
     ours.load_state_dict(model.state_dict(), strict=True)

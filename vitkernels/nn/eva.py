@@ -20,6 +20,11 @@ layer scale + residual; LayerNorm -> MLP (``mlp_forward``: SwiGLU / packed GluMl
 (gate and value GEMMs in one pass, the SiLU gate in their epilogue), [LayerNorm], fc2; or GELU in fc1's
 epilogue; vitkernels/nn/mlp.py) -> layer scale + residual.
 
+The forwards are module-level functions of the module they run (``eva_attention_forward(attn, x, rope,
+backend)``, ``eva_block_forward``, ``eva_forward_features``, ``eva_pos_embed``) reading only timm's attribute
+names, so ``vitkernels.patch_timm`` binds the same code onto a timm Eva's modules; ``check_timm_eva`` raises
+``eva_from_timm``'s errors without building anything.
+
 Not (yet) here: forward_intermediates / features_only, set_input_size, pretrained-weight loading by name (the
 model takes timm's state_dict), fp32_residual; flops.count knows VisionTransformer, not Eva.
 """
@@ -41,7 +46,8 @@ from vitkernels.nn.norm import LayerNorm, norm_factory
 from vitkernels.nn.patch_embed import PatchEmbed
 from vitkernels.nn.vision_transformer import POOLS, global_pool_nlc
 
-__all__ = ["Eva", "eva_from_timm", "RotaryEmbeddingCat", "rope_table"]
+__all__ = ["Eva", "eva_from_timm", "RotaryEmbeddingCat", "rope_table", "check_timm_eva", "eva_attention_forward",
+           "eva_block_forward", "eva_forward_features"]
 
 
 def _pair(x) -> tuple[int, int]:
@@ -155,22 +161,31 @@ class EvaAttention(nn.Module):
         self.proj = nn.Linear(attn_dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, sin: torch.Tensor | None = None, cos: torch.Tensor | None = None):
-        B, N, _ = x.shape
-        H, D, be = self.num_heads, self.head_dim, self.backend
-        if self.qkv is not None:
-            bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
-            qkv = ops.linear(x, self.qkv.weight, bias, backend=be)  # (B, N, 3 H D)
-            q, k, v = (t.transpose(1, 2) for t in qkv.unflatten(-1, (3, H, D)).unbind(2))  # (B, H, N, D) views
-        else:
-            q, k, v = (ops.linear(x, p.weight, p.bias, backend=be).unflatten(-1, (H, D)).transpose(1, 2)
-                       for p in (self.q_proj, self.k_proj, self.v_proj))
-        if sin is not None:
-            q, k = ops.rope(q, k, sin, cos, num_prefix_tokens=self.num_prefix_tokens, half=self.rotate_half,
-                            backend=be)
-        o = ops.attention(q, k, v, scale=self.scale, backend=be)  # (B, H, N, D), stored (B, N, H, D)
-        o = self.norm(o.transpose(1, 2).reshape(B, N, H * D))
-        return self.proj_drop(ops.linear(o, self.proj.weight, self.proj.bias, backend=be))
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        return eva_attention_forward(self, x, rope, self.backend)
+
+
+def eva_attention_forward(attn: nn.Module, x: torch.Tensor, rope: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """x (B, N, C), rope None or the (N - prefix, 2 D) table (sin then cos) -> (B, N, C), for any module with
+    timm's EvaAttention attribute names (this one, and timm's under ``vitkernels.patch_timm``)."""
+    B, N, _ = x.shape
+    H = attn.num_heads
+    if attn.qkv is not None:
+        D = attn.qkv.out_features // (3 * H)
+        bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        qkv = ops.linear(x, attn.qkv.weight, bias, backend=backend)  # (B, N, 3 H D)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unflatten(-1, (3, H, D)).unbind(2))  # (B, H, N, D) views
+    else:
+        D = attn.q_proj.out_features // H
+        q, k, v = (ops.linear(x, p.weight, p.bias, backend=backend).unflatten(-1, (H, D)).transpose(1, 2)
+                   for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    if rope is not None:
+        sin, cos = rope.chunk(2, -1)  # (N - prefix, D) views of the table
+        q, k = ops.rope(q, k, sin, cos, num_prefix_tokens=attn.num_prefix_tokens,
+                        half=getattr(attn, "rotate_half", False), backend=backend)
+    o = ops.attention(q, k, v, scale=attn.scale, backend=backend)  # (B, H, N, D), stored (B, N, H, D)
+    o = attn.norm(o.transpose(1, 2).reshape(B, N, H * D))
+    return attn.proj_drop(ops.linear(o, attn.proj.weight, attn.proj.bias, backend=backend))
 
 
 def mlp_forward(mlp: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
@@ -209,11 +224,17 @@ class EvaBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.backend = backend
 
-    def forward(self, x, sin=None, cos=None):
-        y = self.attn(self.norm1(x), sin, cos)
-        x = x + self.drop_path1(y if self.gamma_1 is None else self.gamma_1 * y)
-        y = mlp_forward(self.mlp, self.norm2(x), self.backend)
-        return x + self.drop_path2(y if self.gamma_2 is None else self.gamma_2 * y)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        return eva_block_forward(self, x, rope, self.backend)
+
+
+def eva_block_forward(blk: nn.Module, x: torch.Tensor, rope: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """x (B, N, C) -> (B, N, C) for any module with timm's EvaBlock attribute names: the norms and ``attn``
+    called as modules (``attn(x, rope)``, timm's signature), the MLP through ``mlp_forward``."""
+    y = blk.attn(blk.norm1(x), rope)
+    x = x + blk.drop_path1(y if blk.gamma_1 is None else blk.gamma_1 * y)
+    y = mlp_forward(blk.mlp, blk.norm2(x), backend)
+    return x + blk.drop_path2(y if blk.gamma_2 is None else blk.gamma_2 * y)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -398,41 +419,11 @@ class Eva(nn.Module):
         return self
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        """images -> tokens (B, prefix + N, C): one fused op when only a class token is prepended (EVA-02),
-        else the patch tokens from the op and timm's concatenation / addition."""
-        pe = self.patch_embed.proj
-        if self.reg_token is None:
-            pos = self.pos_embed
-            x = ops.patch_embed(x, pe.weight, pe.bias, pos_embed=pos, cls_token=self.cls_token,
-                                backend=self.backend)
-            return x if pos is None else self.pos_drop(x)
-        x = ops.patch_embed(x, pe.weight, pe.bias, backend=self.backend)
-        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
-        if self.no_embed_class:
-            x = x if self.pos_embed is None else x + self.pos_embed
-            x = torch.cat(prefix + [x], dim=1)
-        else:
-            x = torch.cat(prefix + [x], dim=1)
-            x = x if self.pos_embed is None else x + self.pos_embed
-        return self.pos_drop(x)
+        return eva_pos_embed(self, x, self.backend)
 
     def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                          is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise ValueError("Eva: attn_mask / is_causal are not supported (the fused attention has no mask)")
-        if x.dim() != 4 or tuple(x.shape[-2:]) != tuple(self.patch_embed.img_size):
-            raise ValueError(f"Eva: expected images (B, {self.in_chans}, {self.patch_embed.img_size[0]}, "
-                             f"{self.patch_embed.img_size[1]}), got {tuple(x.shape)}")
-        x = self.norm_pre(self._pos_embed(x))
-        sin = cos = None
-        if self.rope is not None:
-            sin, cos = self.rope.get_embed().chunk(2, -1)  # (N, D) views of the (N, 2 D) table
-        for blk in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(blk, x, sin, cos, use_reentrant=False)
-            else:
-                x = blk(x, sin, cos)
-        return self.norm(x)
+        return eva_forward_features(self, x, self.backend, attn_mask, is_causal)
 
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
@@ -448,6 +439,46 @@ class Eva(nn.Module):
         return self.forward_head(self.forward_features(x, attn_mask=attn_mask, is_causal=is_causal))
 
 
+def eva_pos_embed(model: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
+    """images -> tokens (B, prefix + N, C) for any model with timm's Eva attribute names: one fused op when
+    only a class token is prepended (EVA-02), else the patch tokens from the op and timm's concatenation /
+    addition."""
+    pe = model.patch_embed.proj
+    if model.reg_token is None:
+        pos = model.pos_embed
+        x = ops.patch_embed(x, pe.weight, pe.bias, pos_embed=pos, cls_token=model.cls_token, backend=backend)
+        return x if pos is None else model.pos_drop(x)
+    x = ops.patch_embed(x, pe.weight, pe.bias, backend=backend)
+    prefix = [t.expand(x.shape[0], -1, -1) for t in (model.cls_token, model.reg_token) if t is not None]
+    if model.no_embed_class:
+        x = x if model.pos_embed is None else x + model.pos_embed
+        x = torch.cat(prefix + [x], dim=1)
+    else:
+        x = torch.cat(prefix + [x], dim=1)
+        x = x if model.pos_embed is None else x + model.pos_embed
+    return model.pos_drop(x)
+
+
+def eva_forward_features(model: nn.Module, x: torch.Tensor, backend: str, attn_mask: torch.Tensor | None = None,
+                         is_causal: bool = False) -> torch.Tensor:
+    """images (B, C, H, W) -> tokens (B, prefix + N, C) after the final norm, for any model with timm's Eva
+    attribute names (this one, and timm's under ``vitkernels.patch_timm``): the blocks are called as modules
+    with timm's signature ``blk(x, rope)``, checkpointed when ``grad_checkpointing`` is set."""
+    if attn_mask is not None or is_causal:
+        raise ValueError("Eva: attn_mask / is_causal are not supported (the fused attention has no mask)")
+    if x.dim() != 4 or tuple(x.shape[-2:]) != tuple(model.patch_embed.img_size):
+        raise ValueError(f"Eva: expected images (B, {model.in_chans}, {model.patch_embed.img_size[0]}, "
+                         f"{model.patch_embed.img_size[1]}), got {tuple(x.shape)}")
+    x = model.norm_pre(eva_pos_embed(model, x, backend))
+    rope = model.rope.get_embed() if model.rope is not None else None  # (N - prefix, 2 D): sin then cos
+    for blk in model.blocks:
+        if model.grad_checkpointing and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(blk, x, rope, use_reentrant=False)
+        else:
+            x = blk(x, rope)
+    return model.norm(x)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # From timm
 # ----------------------------------------------------------------------------------------------------------
@@ -457,10 +488,9 @@ def _is_identity(m) -> bool:
     return m is None or isinstance(m, nn.Identity)
 
 
-def eva_from_timm(model: nn.Module, backend: str = "auto") -> Eva:
-    """A vitkernels ``Eva`` with the configuration and weights of timm's ``timm.models.eva.Eva`` ``model``
-    (its state_dict loaded with ``strict=True``), on the same device and dtype, in the same train/eval mode.
-    Raises ValueError naming what vitkernels does not compute (see the module docstring)."""
+def eva_kwargs_from_timm(model: nn.Module) -> dict:
+    """The ``Eva`` constructor arguments (without ``device`` / ``backend``) of timm's ``timm.models.eva.Eva``
+    ``model``. Raises ValueError naming what vitkernels does not compute that the arguments cannot express."""
     if type(model).__name__ != "Eva" or not hasattr(model, "blocks"):
         raise ValueError(f"eva_from_timm expects timm.models.eva.Eva, got {type(model).__qualname__}")
     blk = model.blocks[0]
@@ -508,9 +538,8 @@ def eva_from_timm(model: nn.Module, backend: str = "auto") -> Eva:
                            rope_rotate_half=rope.rotate_half, ref_feat_shape=rope.ref_feat_shape)
     dpr = [getattr(b.drop_path1, "drop_prob", 0.0) for b in model.blocks]
     qkv_fused = attn.qkv is not None
-    p = next(model.parameters())
     pe = model.patch_embed
-    ours = Eva(
+    return dict(
         img_size=tuple(pe.img_size), patch_size=pe.patch_size[0], in_chans=pe.proj.in_channels,
         num_classes=model.num_classes, global_pool=model.global_pool, embed_dim=dim, depth=len(model.blocks),
         num_heads=attn.num_heads, qkv_bias=(attn.q_bias is not None) if qkv_fused else attn.q_proj.bias is not None,
@@ -528,8 +557,22 @@ def eva_from_timm(model: nn.Module, backend: str = "auto") -> Eva:
         use_pre_transformer_norm=not _is_identity(model.norm_pre),
         use_post_transformer_norm=not _is_identity(model.norm), use_fc_norm=not _is_identity(model.fc_norm),
         dynamic_img_size=model.dynamic_img_size, dynamic_img_pad=getattr(pe, "dynamic_img_pad", False),
-        device="meta", backend=backend, **rope_kwargs,
+        **rope_kwargs,
     )
+
+
+def check_timm_eva(model: nn.Module) -> None:
+    """Raise ``eva_from_timm``'s ValueError when vitkernels cannot compute timm's Eva ``model``; modify nothing
+    (the arguments are checked by building the port on the meta device, which allocates no memory)."""
+    Eva(**eva_kwargs_from_timm(model), device="meta", backend="torch")
+
+
+def eva_from_timm(model: nn.Module, backend: str = "auto") -> Eva:
+    """A vitkernels ``Eva`` with the configuration and weights of timm's ``timm.models.eva.Eva`` ``model``
+    (its state_dict loaded with ``strict=True``), on the same device and dtype, in the same train/eval mode.
+    Raises ValueError naming what vitkernels does not compute (see the module docstring)."""
+    p = next(model.parameters())
+    ours = Eva(**eva_kwargs_from_timm(model), device="meta", backend=backend)
     ours = ours.to_empty(device=p.device).to(p.dtype)
     if ours.rope is not None:  # non-persistent: rebuilt, not loaded
         ours.rope.pos_embed = ours.rope._table().to(device=p.device, dtype=model.rope.pos_embed.dtype)
