@@ -203,14 +203,27 @@ def test_refused_configs_leave_the_model_untouched(name, kw, match):
     assert not is_patched(model) and _instance_attrs(model) == before
 
 
-def test_patched_eva_refuses_attention_masks():
-    """The ports have no masked attention: a mask given to the patched model raises, as vitkernels.Eva does."""
-    model = vitkernels.patch_timm(_timm_model("eva02_tiny"), backend="torch")
-    x = _images(model)
-    with pytest.raises(ValueError, match="attn_mask"):
-        model(x, is_causal=True)
-    with pytest.raises(ValueError, match="attn_mask"):
-        model.blocks[0](torch.randn(2, 17, 64, device=DEVICE), attn_mask=torch.ones(17, 17, dtype=torch.bool))
+@pytest.mark.parametrize("kind", ["bool", "float", "causal"])
+def test_eva_attention_masks_on_the_fused_attention(kind):
+    """timm's Eva takes attn_mask / is_causal; the patched model and vitkernels.Eva run them on the fused
+    attention as its additive bias, with timm's logits."""
+    src = _timm_model("eva02_tiny")
+    x = _images(src)
+    T = src.patch_embed.num_patches + src.num_prefix_tokens
+    if kind == "bool":
+        mask = torch.rand(T, T, device=DEVICE) > 0.3
+        mask.fill_diagonal_(True)
+        kw = dict(attn_mask=mask)
+    elif kind == "float":
+        kw = dict(attn_mask=torch.randn(1, 1, T, T, device=DEVICE))
+    else:
+        kw = dict(is_causal=True)
+    with torch.no_grad():
+        want = src.forward_features(x, **kw)
+        port = vitkernels.from_timm(src, backend="torch").forward_features(x, **kw)
+        patched = vitkernels.patch_timm(copy.deepcopy(src), backend="torch").forward_features(x, **kw)
+    torch.testing.assert_close(port, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(patched, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["eva02_tiny", "beit_both_token"])

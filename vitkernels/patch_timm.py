@@ -149,9 +149,13 @@ def _forward_intermediates(self: nn.Module, x: torch.Tensor, indices=None, retur
 
 
 # -- timm's Eva (EVA-02, rope ViTs) and Beit: the forwards of vitkernels/nn/eva.py and nn/beit.py ----------------
-def _no_mask(attn_mask: torch.Tensor | None, is_causal: bool) -> None:
-    if attn_mask is not None or is_causal:
-        raise ValueError("Eva: attn_mask / is_causal are not supported (the fused attention has no mask)")
+def _causal(x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor | None:
+    """timm's Eva blocks take ``is_causal`` beside ``attn_mask``: the fused attention takes it as a bool mask."""
+    if not is_causal:
+        return attn_mask
+    if attn_mask is not None:
+        raise ValueError("attn_mask and is_causal=True together: give one")
+    return torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril()
 
 
 def _eva_forward_features(self: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -161,14 +165,12 @@ def _eva_forward_features(self: nn.Module, x: torch.Tensor, attn_mask: torch.Ten
 
 def _eva_block_forward(self: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None,
                        attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-    _no_mask(attn_mask, is_causal)
-    return eva_block_forward(self, x, rope, getattr(self, _BACKEND))
+    return eva_block_forward(self, x, rope, getattr(self, _BACKEND), _causal(x, attn_mask, is_causal))
 
 
 def _eva_attention_forward(self: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None,
                            attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-    _no_mask(attn_mask, is_causal)
-    return eva_attention_forward(self, x, rope, getattr(self, _BACKEND))
+    return eva_attention_forward(self, x, rope, getattr(self, _BACKEND), _causal(x, attn_mask, is_causal))
 
 
 def _beit_forward_features(self: nn.Module, x: torch.Tensor) -> torch.Tensor:

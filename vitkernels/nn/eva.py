@@ -39,6 +39,7 @@ from torch import nn
 
 from vitkernels import ops
 from vitkernels.backends import check_name, prepare
+from vitkernels.nn.attention import mask_bias
 from vitkernels.nn.block import DropPath
 from vitkernels.nn.mlp import GluMlp, Mlp, SwiGLU
 from vitkernels.nn.mlp import mlp_forward as mlp_block_forward
@@ -161,13 +162,16 @@ class EvaAttention(nn.Module):
         self.proj = nn.Linear(attn_dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
-        return eva_attention_forward(self, x, rope, self.backend)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return eva_attention_forward(self, x, rope, self.backend, attn_mask)
 
 
-def eva_attention_forward(attn: nn.Module, x: torch.Tensor, rope: torch.Tensor | None, backend: str) -> torch.Tensor:
+def eva_attention_forward(attn: nn.Module, x: torch.Tensor, rope: torch.Tensor | None, backend: str,
+                          attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """x (B, N, C), rope None or the (N - prefix, 2 D) table (sin then cos) -> (B, N, C), for any module with
-    timm's EvaAttention attribute names (this one, and timm's under ``vitkernels.patch_timm``)."""
+    timm's EvaAttention attribute names (this one, and timm's under ``vitkernels.patch_timm``). ``attn_mask``
+    (bool, True = attend, or additive): the fused attention's bias."""
     B, N, _ = x.shape
     H = attn.num_heads
     if attn.qkv is not None:
@@ -183,7 +187,8 @@ def eva_attention_forward(attn: nn.Module, x: torch.Tensor, rope: torch.Tensor |
         sin, cos = rope.chunk(2, -1)  # (N - prefix, D) views of the table
         q, k = ops.rope(q, k, sin, cos, num_prefix_tokens=attn.num_prefix_tokens,
                         half=getattr(attn, "rotate_half", False), backend=backend)
-    o = ops.attention(q, k, v, scale=attn.scale, backend=backend)  # (B, H, N, D), stored (B, N, H, D)
+    o = ops.attention(q, k, v, bias=mask_bias(attn_mask, False, q, k), scale=attn.scale,
+                      backend=backend)  # (B, H, N, D), stored (B, N, H, D)
     o = attn.norm(o.transpose(1, 2).reshape(B, N, H * D))
     return attn.proj_drop(ops.linear(o, attn.proj.weight, attn.proj.bias, backend=backend))
 
@@ -224,14 +229,16 @@ class EvaBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.backend = backend
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
-        return eva_block_forward(self, x, rope, self.backend)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return eva_block_forward(self, x, rope, self.backend, attn_mask)
 
 
-def eva_block_forward(blk: nn.Module, x: torch.Tensor, rope: torch.Tensor | None, backend: str) -> torch.Tensor:
+def eva_block_forward(blk: nn.Module, x: torch.Tensor, rope: torch.Tensor | None, backend: str,
+                      attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """x (B, N, C) -> (B, N, C) for any module with timm's EvaBlock attribute names: the norms and ``attn``
-    called as modules (``attn(x, rope)``, timm's signature), the MLP through ``mlp_forward``."""
-    y = blk.attn(blk.norm1(x), rope)
+    called as modules (``attn(x, rope, attn_mask=...)``, timm's signature), the MLP through ``mlp_forward``."""
+    y = blk.attn(blk.norm1(x), rope) if attn_mask is None else blk.attn(blk.norm1(x), rope, attn_mask=attn_mask)
     x = x + blk.drop_path1(y if blk.gamma_1 is None else blk.gamma_1 * y)
     y = mlp_forward(blk.mlp, blk.norm2(x), backend)
     return x + blk.drop_path2(y if blk.gamma_2 is None else blk.gamma_2 * y)
@@ -464,18 +471,21 @@ def eva_forward_features(model: nn.Module, x: torch.Tensor, backend: str, attn_m
     """images (B, C, H, W) -> tokens (B, prefix + N, C) after the final norm, for any model with timm's Eva
     attribute names (this one, and timm's under ``vitkernels.patch_timm``): the blocks are called as modules
     with timm's signature ``blk(x, rope)``, checkpointed when ``grad_checkpointing`` is set."""
-    if attn_mask is not None or is_causal:
-        raise ValueError("Eva: attn_mask / is_causal are not supported (the fused attention has no mask)")
     if x.dim() != 4 or tuple(x.shape[-2:]) != tuple(model.patch_embed.img_size):
         raise ValueError(f"Eva: expected images (B, {model.in_chans}, {model.patch_embed.img_size[0]}, "
                          f"{model.patch_embed.img_size[1]}), got {tuple(x.shape)}")
     x = model.norm_pre(eva_pos_embed(model, x, backend))
     rope = model.rope.get_embed() if model.rope is not None else None  # (N - prefix, 2 D): sin then cos
+    if is_causal:  # timm's Eva takes attn_mask only: causal masking as its bool mask
+        if attn_mask is not None:
+            raise ValueError("attn_mask and is_causal=True together: give one")
+        attn_mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril()
+    extra = {} if attn_mask is None else dict(attn_mask=attn_mask)
     for blk in model.blocks:
         if model.grad_checkpointing and torch.is_grad_enabled():
-            x = torch.utils.checkpoint.checkpoint(blk, x, rope, use_reentrant=False)
+            x = torch.utils.checkpoint.checkpoint(blk, x, rope, use_reentrant=False, **extra)
         else:
-            x = blk(x, rope)
+            x = blk(x, rope, **extra)
     return model.norm(x)
 
 
