@@ -62,7 +62,9 @@ import traceback
 from typing import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPS = ("layer_norm", "linear", "attention", "attention_qkv", "patch_embed", "ln_linear", "ln_mlp")  # backends.OPS
+# backends.OPS (held equal by tests/test_gpu_check.py), the ViT ops first: the steps run in this order
+OPS = ("layer_norm", "linear", "attention", "attention_qkv", "patch_embed", "ln_linear", "ln_mlp", "glu_linear",
+       "ln_glu_mlp", "rope")
 DEFAULT_BUDGET_S = 540  # one 10-minute device call, less the shell setup and a margin
 RESERVE_S = 10  # kept back from the budget for writing the results
 PREBUILT = os.path.join("build", "gpu", "_C.abi3.so")  # where a carried library is looked for (from ROOT)

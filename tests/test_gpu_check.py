@@ -325,3 +325,11 @@ def test_judge_library_reads_the_compiled_targets(gc, monkeypatch, targets, capa
     assert (why is None) == runs, why
     if not runs:
         assert f"{capability[0]}.{capability[1]}" in why and targets[0] in why
+
+
+def test_gpu_check_runs_every_op(gc):
+    """gpu_check keeps its own op list (it must run before vitkernels imports on a fresh machine): the same ops
+    as vitkernels.backends.OPS, so a new op's tests and benchmark run on the next GPU."""
+    from vitkernels.backends import OPS
+
+    assert sorted(gc.OPS) == sorted(OPS)
