@@ -46,6 +46,7 @@ from torch import nn
 from vitkernels import ops
 from vitkernels.backends import check_name, prepare
 from vitkernels.nn.block import DropPath
+from vitkernels.nn.model_api import ClassifierApi
 from vitkernels.nn.init import trunc_normal_
 from vitkernels.nn.mlp import Mlp, SwiGLU, mlp_forward
 from vitkernels.nn.norm import norm_factory
@@ -256,7 +257,7 @@ def beit_block_forward(blk: nn.Module, x: torch.Tensor, shared_rel_pos_bias: tor
 # ----------------------------------------------------------------------------------------------------------
 
 
-class Beit(nn.Module):
+class Beit(ClassifierApi, nn.Module):
     """timm's Beit (BEiT, BEiT v2) on vitkernels ops; see the module docstring for what is supported.
 
     Args: timm's (``img_size``, ``patch_size``, ``in_chans``, ``num_classes``, ``global_pool`` '' | 'avg' |
@@ -266,6 +267,8 @@ class Beit(nn.Module):
     ``use_abs_pos_emb``, ``use_rel_pos_bias``, ``use_shared_rel_pos_bias``, ``head_init_scale``,
     ``use_fc_norm``, ``device``, ``dtype``), plus ``backend``.
     """
+
+    POOLS = BEIT_POOLS
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool="avg", embed_dim=768,
                  depth=12, num_heads=12, qkv_bias=True, mlp_ratio=4.0, swiglu_mlp=False, scale_mlp=False,
@@ -358,32 +361,6 @@ class Beit(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=r"^cls_token|pos_embed|patch_embed|rel_pos_bias",
                     blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in BEIT_POOLS:
-                raise ValueError(f"global_pool must be one of {BEIT_POOLS}, got {global_pool!r}")
-            self.global_pool = global_pool
-        w = next(self.parameters())
-        self.head = (nn.Linear(self.embed_dim, num_classes, device=w.device, dtype=w.dtype) if num_classes > 0
-                     else nn.Identity())
-        self.head.train(self.training)
-
-    def set_backend(self, backend: str) -> "Beit":
-        """Run every op on ``backend`` from now on."""
-        backend = check_name(backend)
-        prepare(backend)
-        for m in self.modules():
-            if hasattr(m, "backend"):
-                m.backend = backend
-        return self
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         return beit_pos_embed(self, x, self.backend)

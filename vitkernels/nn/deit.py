@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from vitkernels.nn.init import trunc_normal_
+from vitkernels.nn.model_api import zero_head
 from vitkernels.nn.vision_transformer import VisionTransformer
 
 
@@ -66,13 +67,7 @@ class VisionTransformerDistilled(VisionTransformer):
             raise ValueError("VisionTransformerDistilled reads the class and distillation tokens: global_pool must "
                              f"be 'token', got {global_pool!r}")
         super().reset_classifier(num_classes)
-        ref = self.patch_embed.proj.weight
-        if num_classes > 0:
-            self.head_dist = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
-            nn.init.zeros_(self.head_dist.weight)
-            nn.init.zeros_(self.head_dist.bias)
-        else:
-            self.head_dist = nn.Identity()
+        self.head_dist = zero_head(self, num_classes)
         self.head_dist.train(self.training)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):

@@ -41,9 +41,10 @@ from vitkernels import ops
 from vitkernels.backends import check_name, prepare
 from vitkernels.nn.attention import mask_bias
 from vitkernels.nn.block import DropPath
+from vitkernels.nn.model_api import ClassifierApi
 from vitkernels.nn.mlp import GluMlp, Mlp, SwiGLU
 from vitkernels.nn.mlp import mlp_forward as mlp_block_forward
-from vitkernels.nn.norm import LayerNorm, norm_factory
+from vitkernels.nn.norm import norm_factory
 from vitkernels.nn.patch_embed import PatchEmbed
 from vitkernels.nn.vision_transformer import POOLS, global_pool_nlc
 
@@ -271,7 +272,7 @@ _REFUSED = {
 }
 
 
-class Eva(nn.Module):
+class Eva(ClassifierApi, nn.Module):
     """timm's Eva (EVA-02, rope ViTs) on vitkernels ops; see the module docstring for what is supported.
 
     Args: timm's (``img_size``, ``patch_size``, ``in_chans``, ``num_classes``, ``global_pool``, ``embed_dim``,
@@ -283,6 +284,8 @@ class Eva(nn.Module):
     ``use_fc_norm``, ``ref_feat_shape``, ``head_init_scale``, ``device``, ``dtype``; the rest of timm's only at
     their defaults), plus ``backend``: the ops backend (``auto | triton | cuda | torch``).
     """
+
+    POOLS = POOLS  # timm's Eva pools as VisionTransformer
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool="avg", embed_dim=768,
                  depth=12, num_heads=12, num_kv_heads=None, qkv_bias=True, qkv_fused=True, qk_norm=False,
@@ -399,31 +402,6 @@ class Eva(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token", "reg_token"}
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in POOLS:
-                raise ValueError(f"global_pool must be one of {POOLS}, got {global_pool!r}")
-            self.global_pool = global_pool
-        w = next(self.parameters())
-        self.head = (nn.Linear(self.embed_dim, num_classes, device=w.device, dtype=w.dtype) if num_classes > 0
-                     else nn.Identity())
-
-    def set_backend(self, backend: str) -> "Eva":
-        """Run every op on ``backend`` from now on."""
-        backend = check_name(backend)
-        prepare(backend)
-        for m in self.modules():
-            if hasattr(m, "backend"):
-                m.backend = backend
-        return self
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         return eva_pos_embed(self, x, self.backend)

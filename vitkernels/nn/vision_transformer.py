@@ -32,6 +32,7 @@ from vitkernels.backends import check_name, prepare
 from vitkernels.nn.attention_pool import AttentionPoolLatent, attention_pool_forward
 from vitkernels.nn.block import Block
 from vitkernels.nn.mlp import ACTIVATIONS, Mlp, epilogue_activation, mlp_factory
+from vitkernels.nn.model_api import set_backend, zero_head
 from vitkernels.nn.norm import norm_factory
 from vitkernels.nn.patch_dropout import PatchDropout
 from vitkernels.nn.patch_embed import PatchEmbed, check_images, is_fx_tracing, pad_images
@@ -325,13 +326,7 @@ class VisionTransformer(nn.Module):
             self.global_pool = global_pool
             self._model_args = dict(getattr(self, "_model_args", {}), fc_norm=not isinstance(self.fc_norm, nn.Identity))
         self.num_classes = num_classes
-        ref = self.patch_embed.proj.weight
-        if num_classes > 0:
-            self.head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
-        else:
-            self.head = nn.Identity()
+        self.head = zero_head(self, num_classes)
         self.head.train(self.training)
 
     def set_input_size(self, img_size=None, patch_size=None) -> None:
@@ -354,12 +349,7 @@ class VisionTransformer(nn.Module):
 
     def set_backend(self, backend: str) -> "VisionTransformer":
         """Run every op of the model on ``backend`` from now on."""
-        backend = check_name(backend)
-        prepare(backend)
-        for m in self.modules():
-            if hasattr(m, "backend"):
-                m.backend = backend
-        return self
+        return set_backend(self, backend)
 
     def __prepare_scriptable__(self):
         """Called by ``torch.jit.script``: TorchScript cannot compile vitkernels' ops (Python functions that

@@ -6,8 +6,6 @@ stacks nothing. Limits: those of triton/attention.py.
 
 from __future__ import annotations
 
-import torch
-
 from vitkernels.ops.attention_qkv import CONTRACT, split_qkv
 from vitkernels.triton import NAMESPACE
 from vitkernels.triton.attention import attention_bwd_into, attention_fwd

@@ -401,8 +401,6 @@ def _prune_configs(configs, named_args, **kwargs):
     limit = _smem_limit(a.device) if isinstance(a, torch.Tensor) and a.is_cuda else 227 * 1024
     sm80 = capability(a) < 90
     prologue = bool(kwargs.get("A_PRO") or kwargs.get("B_PRO"))
-    busy_epilogue = bool(kwargs.get("GELU") or kwargs.get("SAVE_Z") or kwargs.get("DGELU") or kwargs.get("COLSUM")
-                         or kwargs.get("HAS_RES"))
     keep = []
     for c in configs:
         bp, bq, bs, warps = c.kwargs["BLOCK_P"], c.kwargs["BLOCK_Q"], c.kwargs["BLOCK_S"], c.num_warps
