@@ -55,13 +55,6 @@ def _images(model, B=2):
     return torch.randn(B, 3, H, W, device=DEVICE)
 
 
-def _skip_unless_bias_runs(backend):
-    """The cuda backend's CUDA kernels take no attention bias yet (its CPU twin does): skipped there."""
-    if backend == "cuda" and DEVICE.type == "cuda":
-        pytest.skip("the CUDA kernels of the cuda backend take no attention bias yet (why_not_supported refuses "
-                    "it; backend='auto' picks triton for the attention)")
-
-
 def _grads(model, x, g):
     model.zero_grad(set_to_none=True)
     out = model(x)
@@ -151,7 +144,6 @@ def test_beit_from_timm_training_mode_torch_backend():
 def test_beit_from_timm_fused_backend_within_budget(backend, name):
     """Logits and every parameter gradient (the tables' through the attention's dbias) within the fp32 budget
     of a float64 timm oracle."""
-    _skip_unless_bias_runs(backend)
     src = _timm_model(name)
     oracle = copy.deepcopy(src).double()
     ours = beit_from_timm(src, backend=backend)
@@ -189,7 +181,6 @@ def test_beit_from_timm_refuses_attention_dropout_and_other_models():
 def test_beit_compile_fullgraph(backend):
     """The whole model traces without a graph break (the table gather, the biased attention's fake and
     autograd)."""
-    _skip_unless_bias_runs(backend)
     src = _timm_model("both_token")
     model = beit_from_timm(src, backend=backend)
     torch._dynamo.reset()
@@ -209,7 +200,6 @@ def test_beit_compile_fullgraph(backend):
 def test_beit_from_timm_fp16_logits_within_budget(backend):
     """A half-precision timm model (fp16 tables: an fp16 bias): logits within the fp16 budget of the float64
     oracle."""
-    _skip_unless_bias_runs(backend)
     src = _timm_model("rel")
     oracle = copy.deepcopy(src).double()
     half = copy.deepcopy(src).half()

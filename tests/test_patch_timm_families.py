@@ -250,8 +250,6 @@ def test_compile_fullgraph(backend, name):
 def test_kernel_backend_within_budget(backend, name):
     """Logits and every parameter gradient (the bias tables' through the attention's dbias) within the fp32
     budget of a float64 copy of the timm model."""
-    if name.startswith("beit") and backend == "cuda" and DEVICE.type == "cuda":
-        pytest.skip("the CUDA kernels of the cuda backend take no attention bias yet (tests/test_beit.py)")
     model = _timm_model(name)
     lowp = copy.deepcopy(model)
     oracle = copy.deepcopy(model).double()
