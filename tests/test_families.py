@@ -246,3 +246,17 @@ def test_gated_mlp_lean_block_keeps_less(backend):
     T, C, H, depth = 21, 64, 96, 2  # 4 registers + class token + 16 patches; GluMlp of width 2H = 192
     fewer = depth * 2 * T * (C + H) * 4  # per block: norm2's output (C) and fc2's input (H), fp32
     assert saved[False] - saved[True] >= fewer, saved
+
+
+@pytest.mark.parametrize("no_embed_class", [True, False], ids=["no_embed_class", "pos_on_prefix"])
+def test_register_tokens_at_another_resolution(no_embed_class):
+    """dynamic_img_size with register tokens: the position embedding is resampled to the new grid with the
+    prefix rows (class + registers) kept apart when it covers them, as timm does."""
+    torch.manual_seed(0)
+    src = TimmViT(**dict(TINY, reg_tokens=3, no_embed_class=no_embed_class, dynamic_img_size=True)).eval()
+    with torch.no_grad():
+        src.pos_embed.add_(torch.randn_like(src.pos_embed))
+    model = vitkernels.from_timm(src, backend="torch")
+    x = torch.randn(2, 3, 48, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), src(x), rtol=1e-5, atol=1e-5)

@@ -209,14 +209,15 @@ def test_fused_ops_inference_and_empty(backend):
 
 @pytest.mark.parametrize("backend", LN_MLP)
 def test_fused_ops_compile_fullgraph(backend):
-    """torch.compile(fullgraph=True) traces a lean block's ops (no graph break) and matches eager."""
+    """torch.compile(fullgraph=True) traces a lean block's ops (no graph break) and matches eager; the MLP with
+    QuickGELU (CLIP): the activation is a string argument of the op, part of its schema."""
     impl = require_backend(backend, "ln_mlp")
     ln_linear, ln_mlp = impl.get_op("ln_linear"), impl.get_op("ln_mlp")
     torch._dynamo.reset()
 
     def half_block(x, lw, lb, w1, b1, w2, b2, wq):
         q = ln_linear(x, lw, lb, EPS, wq, None)
-        return (ln_mlp(x, lw, lb, EPS, w1, b1, w2, b2, True, "gelu") + q).square().sum()
+        return (ln_mlp(x, lw, lb, EPS, w1, b1, w2, b2, True, "quick_gelu") + q).square().sum()
 
     t = _ln_mlp_tensors((2, 7), 24, 48, torch.float32)
     inputs = [v.requires_grad_() for v in t.values()] + [_weight(24, 24, torch.float32).requires_grad_()]
