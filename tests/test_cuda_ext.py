@@ -125,11 +125,12 @@ def test_linear_bad_inputs(ops):
     _raises(r"bias must have shape \[5\], got \[4\]", ops.linear_fwd, x, w, b[:4], None, "none", False)
     _raises(r"residual must have shape \[4, 5\]", ops.linear_fwd, x, w, b, torch.randn(4, 8), "gelu", True)
     _raises(r"weight must have 2 dims", ops.linear_fwd, x, w[None], b, None, "none", False)
-    _raises(r"activation must be 'none', 'gelu', 'gelu_tanh', 'quick_gelu' or 'silu', got relu", ops.linear_fwd, x, w, b, None, "relu", False)
+    _raises(r"activation must be 'none', 'gelu', 'gelu_tanh', 'quick_gelu' or 'silu', got relu", ops.linear_fwd,
+            x, w, b, None, "relu", False)
     _raises(r"grad_out must have shape \[4, 5\]", ops.linear_bwd, torch.randn(4, 4), x, w, None, "none", True, True,
             True)
-    _raises(r"linear_bwd with an activation needs the saved pre-activation z", ops.linear_bwd, torch.randn(4, 5), x, w, None,
-            "gelu", True, True, True)
+    _raises(r"linear_bwd with an activation needs the saved pre-activation z", ops.linear_bwd, torch.randn(4, 5), x,
+            w, None, "gelu", True, True, True)
 
 
 def test_patch_embed_bad_inputs(ops):

@@ -132,8 +132,9 @@ def test_family_seeded_init_as_timm(name):
         assert torch.equal(a[k], b[k]), k
 
 
-CREATE_NAMES = ["vit_giant_patch14_dinov2", "vit_giant_patch14_reg4_dinov2", "vit_small_patch14_reg4_dinov2", "vit_base_patch14_reg4_dinov2", "vit_base_patch14_dinov2",
-                "vit_base_patch16_siglip_224", "vit_so400m_patch14_siglip_378", "vit_so400m_patch16_siglip_256.v2_webli",
+CREATE_NAMES = ["vit_giant_patch14_dinov2", "vit_giant_patch14_reg4_dinov2", "vit_small_patch14_reg4_dinov2",
+                "vit_base_patch14_reg4_dinov2", "vit_base_patch14_dinov2", "vit_base_patch16_siglip_224",
+                "vit_so400m_patch14_siglip_378", "vit_so400m_patch16_siglip_256.v2_webli",
                 "vit_base_patch16_siglip_224.v2_webli", "vit_base_patch16_clip_quickgelu_224",
                 "deit_base_distilled_patch16_224", "eva02_base_patch14_224", "eva02_tiny_patch14_224",
                 "vit_base_patch16_rope_reg1_gap_256", "beit_base_patch16_224", "beitv2_large_patch16_224"]
