@@ -74,7 +74,7 @@ from vitkernels import ops
 from vitkernels.backends import OPS, BackendError, check_name, resolve
 from vitkernels.convert import timm_vit_config
 from vitkernels.features import forward_intermediates, trunk
-from vitkernels.nn.attention import attention_forward
+from vitkernels.nn.attention import attention_forward, causal_mask
 from vitkernels.nn.attention_pool import attention_pool_forward
 from vitkernels.nn.beit import beit_attention_forward, beit_block_forward, beit_forward_features, check_timm_beit
 from vitkernels.nn.block import block_forward
@@ -155,7 +155,7 @@ def _causal(x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) ->
         return attn_mask
     if attn_mask is not None:
         raise ValueError("attn_mask and is_causal=True together: give one")
-    return torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril()
+    return causal_mask(x.shape[1], x.shape[1], x.device)
 
 
 def _eva_forward_features(self: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None,

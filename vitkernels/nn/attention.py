@@ -83,6 +83,11 @@ def attention_from_qkv(attn: nn.Module, qkv: torch.Tensor, residual: torch.Tenso
     return _project(attn, o.transpose(1, 2).flatten(2), residual, backend)  # (B, N, C): a view of (B, N, H, D)
 
 
+def causal_mask(n: int, m: int, device) -> torch.Tensor:
+    """SDPA's ``is_causal`` as a bool mask (n, m): query i attends to keys j <= i."""
+    return torch.ones(n, m, dtype=torch.bool, device=device).tril()
+
+
 def mask_bias(attn_mask: torch.Tensor | None, is_causal: bool, q: torch.Tensor, k: torch.Tensor
               ) -> torch.Tensor | None:
     """SDPA's ``attn_mask`` / ``is_causal`` as the additive bias ``ops.attention`` takes: a bool mask (True:
@@ -92,7 +97,7 @@ def mask_bias(attn_mask: torch.Tensor | None, is_causal: bool, q: torch.Tensor, 
         raise ValueError("attn_mask and is_causal=True together: give one (as torch's scaled_dot_product_attention)")
     if is_causal:
         N, M = q.shape[-2], k.shape[-2]
-        attn_mask = torch.ones(N, M, dtype=torch.bool, device=q.device).tril()
+        attn_mask = causal_mask(N, M, q.device)
     if attn_mask is None:
         return None
     if attn_mask.dtype == torch.bool:

@@ -39,14 +39,14 @@ from torch import nn
 
 from vitkernels import ops
 from vitkernels.backends import check_name, prepare
-from vitkernels.nn.attention import mask_bias
+from vitkernels.nn.attention import causal_mask, mask_bias
 from vitkernels.nn.block import DropPath
 from vitkernels.nn.model_api import ClassifierApi
 from vitkernels.nn.mlp import GluMlp, Mlp, SwiGLU
 from vitkernels.nn.mlp import mlp_forward as mlp_block_forward
 from vitkernels.nn.norm import norm_factory
 from vitkernels.nn.patch_embed import PatchEmbed
-from vitkernels.nn.vision_transformer import POOLS, global_pool_nlc
+from vitkernels.nn.vision_transformer import POOLS, global_pool_nlc, prefix_tokens
 
 __all__ = ["Eva", "eva_from_timm", "RotaryEmbeddingCat", "rope_table", "check_timm_eva", "eva_attention_forward",
            "eva_block_forward", "eva_forward_features"]
@@ -425,23 +425,13 @@ class Eva(ClassifierApi, nn.Module):
 
 
 def eva_pos_embed(model: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
-    """images -> tokens (B, prefix + N, C) for any model with timm's Eva attribute names: one fused op when
-    only a class token is prepended (EVA-02), else the patch tokens from the op and timm's concatenation /
-    addition."""
+    """images -> tokens (B, prefix + N, C) for any model with timm's Eva attribute names: one fused op writes the
+    prefix rows (class, register tokens) and the patches with the position embedding (over N + prefix rows, or
+    the patches only: no_embed_class), as timm's ``_pos_embed``; then position dropout as timm applies it."""
     pe = model.patch_embed.proj
-    if model.reg_token is None:
-        pos = model.pos_embed
-        x = ops.patch_embed(x, pe.weight, pe.bias, pos_embed=pos, cls_token=model.cls_token, backend=backend)
-        return x if pos is None else model.pos_drop(x)
-    x = ops.patch_embed(x, pe.weight, pe.bias, backend=backend)
-    prefix = [t.expand(x.shape[0], -1, -1) for t in (model.cls_token, model.reg_token) if t is not None]
-    if model.no_embed_class:
-        x = x if model.pos_embed is None else x + model.pos_embed
-        x = torch.cat(prefix + [x], dim=1)
-    else:
-        x = torch.cat(prefix + [x], dim=1)
-        x = x if model.pos_embed is None else x + model.pos_embed
-    return model.pos_drop(x)
+    x = ops.patch_embed(x, pe.weight, pe.bias, pos_embed=model.pos_embed, prefix_tokens=prefix_tokens(model),
+                        backend=backend)
+    return x if model.pos_embed is None and model.reg_token is None else model.pos_drop(x)
 
 
 def eva_forward_features(model: nn.Module, x: torch.Tensor, backend: str, attn_mask: torch.Tensor | None = None,
@@ -457,7 +447,7 @@ def eva_forward_features(model: nn.Module, x: torch.Tensor, backend: str, attn_m
     if is_causal:  # timm's Eva takes attn_mask only: causal masking as its bool mask
         if attn_mask is not None:
             raise ValueError("attn_mask and is_causal=True together: give one")
-        attn_mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril()
+        attn_mask = causal_mask(x.shape[1], x.shape[1], x.device)
     extra = {} if attn_mask is None else dict(attn_mask=attn_mask)
     for blk in model.blocks:
         if model.grad_checkpointing and torch.is_grad_enabled():
